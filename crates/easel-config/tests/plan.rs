@@ -1,0 +1,132 @@
+//! Validation of layered configurations: defaults, presets, and every kind of mistake.
+
+use easel_config::{ConfigError, ConfigLayers, Init};
+use easel_core::Registry;
+use easel_vgg::Pooling;
+
+fn registry() -> Registry {
+    Registry::new()
+        .with_loss(&easel_loss_content::ContentFactory)
+        .with_loss(&easel_loss_gram::GramFactory)
+        .with_loss(&easel_loss_tv::TvFactory)
+        .with_optimizer(&easel_optim_adam::AdamFactory)
+        .with_optimizer(&easel_optim_lbfgs::LbfgsFactory)
+}
+
+fn errors_of(text: &str) -> Vec<String> {
+    let layers = ConfigLayers::defaults().with_text("job.toml", text).expect("test TOML parses");
+    match layers.plan(&registry()) {
+        Err(ConfigError::Invalid { errors, sources }) => {
+            assert_eq!(sources, "defaults < job.toml");
+            errors.iter().map(|e| e.to_string()).collect()
+        }
+        Err(other) => panic!("unexpected error {other}"),
+        Ok(_) => Vec::new(),
+    }
+}
+
+#[test]
+fn defaults_are_the_papers_setup() {
+    let plan = ConfigLayers::defaults().plan(&registry()).expect("defaults are valid");
+    assert_eq!(plan.run.size, 512);
+    assert_eq!(plan.run.init, Init::Content);
+    assert_eq!(plan.optimizer.kind, "lbfgs");
+    let kinds: Vec<&str> = plan.losses.iter().map(|l| l.kind).collect();
+    assert_eq!(kinds, ["content", "gram", "tv"]);
+    assert_eq!(plan.losses[0].loss.layers(), [easel_core::LayerId::Relu4_2]);
+    assert_eq!(plan.losses[1].loss.layers().len(), 5);
+}
+
+#[test]
+fn every_preset_in_configs_is_valid() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("configs/ exists") {
+        let path = entry.expect("readable entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let layers = ConfigLayers::defaults().with_file(&path).expect("preset parses");
+            if let Err(e) = layers.plan(&registry()) {
+                panic!("{}: {e}", path.display());
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 3, "expected default.toml and presets, found {checked}");
+}
+
+#[test]
+fn later_layers_override_earlier_ones() {
+    let layers = ConfigLayers::defaults()
+        .with_text("daemon.toml", "[run]\nsize = 256\niterations = 10\n[model]\npooling = \"avg\"")
+        .and_then(|l| l.with_text("sidecar.toml", "[run]\nsize = 128"))
+        .expect("parses");
+    let plan = layers.plan(&registry()).expect("valid");
+    assert_eq!((plan.run.size, plan.run.iterations), (128, 10));
+    assert_eq!(plan.model.pooling, Pooling::Avg);
+    assert_eq!(plan.run.scale_sizes(), [128]);
+}
+
+#[test]
+fn reports_all_errors_at_once_with_key_paths() {
+    let errors = errors_of(
+        r#"
+[run]
+size = "big"
+sizee = 3
+iterations = 0
+
+[optimizer]
+type = "lbfgs"
+history = 0
+
+[[loss]]
+type = "content"
+weight = -3
+
+[[loss]]
+type = "gram"
+layers = ["relu1_1", "relu6_1"]
+
+[[loss]]
+type = "sparkle"
+amount = 3
+"#,
+    );
+    assert_eq!(errors.len(), 7, "{errors:#?}");
+    assert!(errors.contains(&"run.size: expected an integer, got string \"big\"".to_string()), "{errors:#?}");
+    assert!(errors.iter().any(|e| e.starts_with("run.sizee: unknown key; known keys:")));
+    assert!(errors.contains(&"run.iterations: must be in [1, 1000000], got 0".to_string()));
+    assert!(errors.iter().any(|e| e.starts_with("optimizer.history:")), "{errors:#?}");
+    assert!(errors.contains(&"loss[0].weight: must be > 0, got -3".to_string()));
+    assert!(errors.iter().any(|e| e.starts_with("loss[1].layers[1]: unknown layer `relu6_1`")));
+    assert!(
+        errors.contains(&"loss[2].type: unknown loss \"sparkle\"; available: content, gram, tv".to_string())
+    );
+}
+
+#[test]
+fn unknown_optimizer_and_sections_are_named() {
+    let errors = errors_of("[optimizer]\ntype = \"sgdx\"\n[extra]\na = 1\n[[style]]\nweight = 2");
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+    assert!(errors
+        .iter()
+        .any(|e| e.starts_with("optimizer.type: unknown optimizer \"sgdx\"; available: adam, lbfgs")));
+    assert!(errors.iter().any(|e| e.starts_with("extra: unknown key")));
+    assert!(errors.contains(&"style[0].path: missing: the style image's file".to_string()));
+}
+
+#[test]
+fn syntax_errors_name_the_source() {
+    let err = ConfigLayers::defaults().with_text("broken.toml", "[run\nsize = 3").unwrap_err();
+    let text = err.to_string();
+    assert!(text.starts_with("broken.toml: invalid TOML"), "{text}");
+}
+
+#[test]
+fn changing_a_plugin_type_replaces_its_table() {
+    let layers = ConfigLayers::defaults()
+        .with_text("job.toml", "[optimizer]\ntype = \"adam\"\nlr = 0.1")
+        .expect("parses");
+    let plan = layers.plan(&registry()).expect("lbfgs's `history` must not leak into adam");
+    assert_eq!(plan.optimizer.kind, "adam");
+}

@@ -1,0 +1,23 @@
+//! The contracts shared by easel's engine and its plugins: layers, features, losses, optimisers.
+//!
+//! Plugin crates depend on this crate only; it re-exports the candle and toml versions they
+//! must use so that tensors and option tables cross the boundary without version skew.
+
+mod error;
+mod features;
+mod layer;
+mod loss;
+mod optimizer;
+mod options;
+mod registry;
+
+pub use candle_core;
+pub use toml;
+
+pub use error::CoreError;
+pub use features::{FeatureMaps, References, StyleReference};
+pub use layer::LayerId;
+pub use loss::{Loss, LossFactory};
+pub use optimizer::{Objective, Optimizer, OptimizerFactory, OptimizerState, Step};
+pub use options::{OptionError, OptionSpec, Options};
+pub use registry::Registry;

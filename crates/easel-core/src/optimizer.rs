@@ -1,0 +1,79 @@
+//! The optimiser plugin boundary.
+
+use candle_core::Tensor;
+
+use crate::{CoreError, OptionSpec, Options};
+
+/// The function being minimised: its value and gradient at a point.
+pub trait Objective {
+    /// Loss and its gradient with respect to `x` (same shape as `x`).
+    fn evaluate(&mut self, x: &Tensor) -> Result<(f64, Tensor), CoreError>;
+}
+
+/// What one optimiser iteration did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Step {
+    /// The loss at the iterate the step started from.
+    pub loss: f64,
+    /// Objective evaluations this step spent.
+    pub evaluations: usize,
+    /// True when the optimiser cannot make further progress (gradient or step vanished).
+    pub converged: bool,
+}
+
+/// An optimiser's resumable state: named tensors and scalars, saved in checkpoints.
+#[derive(Debug, Clone, Default)]
+pub struct OptimizerState {
+    pub tensors: Vec<(String, Tensor)>,
+    pub scalars: Vec<(String, f64)>,
+}
+
+impl OptimizerState {
+    /// The tensor saved under `name`.
+    pub fn tensor(&self, name: &str) -> Result<&Tensor, CoreError> {
+        self.tensors
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t)
+            .ok_or_else(|| CoreError::BadState(format!("tensor `{name}` is missing")))
+    }
+
+    /// The scalar saved under `name`.
+    pub fn scalar(&self, name: &str) -> Result<f64, CoreError> {
+        self.scalars
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| *v)
+            .ok_or_else(|| CoreError::BadState(format!("scalar `{name}` is missing")))
+    }
+}
+
+/// Minimises an [`Objective`] over the image, one iteration per call.
+pub trait Optimizer: Send {
+    /// Performs one iteration, updating `x` in place.
+    fn step(&mut self, x: &mut Tensor, objective: &mut dyn Objective) -> Result<Step, CoreError>;
+
+    /// Forgets all history, as between scales (the image changes size).
+    fn reset(&mut self);
+
+    /// Everything needed to continue exactly where this optimiser stands.
+    fn state(&self) -> OptimizerState;
+
+    /// Restores a state produced by [`Optimizer::state`] of the same plugin.
+    fn restore(&mut self, state: &OptimizerState) -> Result<(), CoreError>;
+}
+
+/// Builds an [`Optimizer`] from its TOML options; one per plugin, listed in the registry.
+pub trait OptimizerFactory: Sync {
+    /// The `type` that selects this plugin in TOML.
+    fn name(&self) -> &'static str;
+
+    /// One line for `easel plugins`.
+    fn summary(&self) -> &'static str;
+
+    /// The options this plugin reads, with their defaults.
+    fn options(&self) -> &'static [OptionSpec];
+
+    /// Reads the options and builds the optimiser; problems are recorded in `options`.
+    fn build(&self, options: &mut Options<'_>) -> Box<dyn Optimizer>;
+}

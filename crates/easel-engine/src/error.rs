@@ -1,0 +1,26 @@
+//! Errors of a job, each naming the file or setting involved.
+
+use std::path::PathBuf;
+
+/// What can stop a job.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{path}: {reason}")]
+    Image { path: PathBuf, reason: String },
+    #[error("{path}: cannot write result: {reason}")]
+    Output { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Vgg(#[from] easel_vgg::VggError),
+    #[error(transparent)]
+    Core(#[from] easel_core::CoreError),
+    #[error("{0}")]
+    Device(String),
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+}
+
+impl From<candle_core::Error> for EngineError {
+    fn from(e: candle_core::Error) -> Self {
+        EngineError::Core(e.into())
+    }
+}

@@ -1,0 +1,124 @@
+//! The style-transfer objective: weighted losses on VGG-19 features, and its pixel gradient.
+
+use candle_core::{DType, Tensor, Var};
+use easel_config::WeightedLoss;
+use easel_core::{CoreError, FeatureMaps, LayerId, Objective};
+use easel_vgg::{Trace, Vgg19};
+
+use crate::EngineError;
+
+/// Sum of `weight * loss` over the configured losses, as a function of the pixel image.
+pub struct StyleObjective<'a> {
+    vgg: &'a Vgg19,
+    losses: &'a [WeightedLoss],
+    taps: Vec<LayerId>,
+    evaluations: usize,
+}
+
+/// One loss's unweighted value and gradient norm at an image (`easel eval`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LossReport {
+    pub kind: &'static str,
+    pub weight: f64,
+    pub value: f64,
+    pub grad_l2: f64,
+}
+
+/// Losses are evaluated in f64: Gram matrices and sums over millions of features lose
+/// digits in f32, and their cost is small next to the convolutions, which stay in f32.
+pub const LOSS_DTYPE: DType = DType::F64;
+
+/// Every layer any of `losses` reads, in forward order.
+pub fn taps_of(losses: &[WeightedLoss]) -> Vec<LayerId> {
+    let mut taps: Vec<LayerId> = losses.iter().flat_map(|l| l.loss.layers()).collect();
+    taps.sort_unstable();
+    taps.dedup();
+    taps
+}
+
+/// The L2 norm of a tensor, accumulated in f64.
+pub fn l2_norm(t: &Tensor) -> Result<f64, CoreError> {
+    Ok(t.to_dtype(candle_core::DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt())
+}
+
+impl<'a> StyleObjective<'a> {
+    /// The objective of `losses` (already prepared for the current scale) on `vgg`.
+    pub fn new(vgg: &'a Vgg19, losses: &'a [WeightedLoss]) -> Self {
+        Self { vgg, losses, taps: taps_of(losses), evaluations: 0 }
+    }
+
+    /// Evaluations so far.
+    pub fn evaluations(&self) -> usize {
+        self.evaluations
+    }
+
+    /// Value and pixel gradient of `sum_i scale_i * loss_i` over the given features.
+    fn value_and_grad(
+        &self,
+        features: &FeatureMaps,
+        trace: &Trace,
+        terms: &[(&WeightedLoss, f64)],
+    ) -> Result<(f64, Tensor), EngineError> {
+        // Each tap becomes a leaf variable so candle differentiates the losses only; the
+        // gradient then goes back through VGG-19 by the hand-written backward pass.
+        let mut vars = Vec::with_capacity(features.len());
+        let mut leaves = FeatureMaps::new();
+        for (layer, tensor) in features.iter() {
+            let var = Var::from_tensor(&tensor.to_dtype(LOSS_DTYPE)?)?;
+            leaves.insert(layer, var.as_tensor().clone());
+            vars.push((layer, var));
+        }
+        let mut total: Option<Tensor> = None;
+        for (loss, scale) in terms {
+            let term = (loss.loss.evaluate(&leaves)? * *scale)?;
+            total = Some(match total {
+                Some(t) => (t + term)?,
+                None => term,
+            });
+        }
+        let total = total.ok_or_else(|| EngineError::Checkpoint("no loss configured".into()))?;
+        let grads = total.backward()?;
+        let tap_grads = vars
+            .iter()
+            .filter_map(|(layer, var)| Some((*layer, grads.get(var.as_tensor())?.to_dtype(DType::F32))))
+            .map(|(layer, g)| Ok((layer, g?)))
+            .collect::<Result<Vec<_>, candle_core::Error>>()?;
+        let grad = self.vgg.backward(trace, &tap_grads)?;
+        let value = total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        Ok((value, grad))
+    }
+
+    /// Each loss's unweighted value and gradient norm at `x`, one forward pass for all.
+    pub fn report(&mut self, x: &Tensor) -> Result<Vec<LossReport>, EngineError> {
+        let (features, trace) = self.vgg.forward_traced(x, &self.taps)?;
+        self.losses
+            .iter()
+            .map(|loss| {
+                let (value, grad) = self.value_and_grad(&features, &trace, &[(loss, 1.0)])?;
+                Ok(LossReport { kind: loss.kind, weight: loss.weight, value, grad_l2: l2_norm(&grad)? })
+            })
+            .collect()
+    }
+
+    /// The weighted total and its pixel gradient at `x`.
+    pub fn total(&mut self, x: &Tensor) -> Result<(f64, Tensor), EngineError> {
+        self.evaluations += 1;
+        let (features, trace) = self.vgg.forward_traced(x, &self.taps)?;
+        let terms: Vec<(&WeightedLoss, f64)> = self.losses.iter().map(|l| (l, l.weight)).collect();
+        self.value_and_grad(&features, &trace, &terms)
+    }
+}
+
+impl Objective for StyleObjective<'_> {
+    fn evaluate(&mut self, x: &Tensor) -> Result<(f64, Tensor), CoreError> {
+        let (value, grad) = self.total(x).map_err(|e| match e {
+            EngineError::Core(c) => c,
+            EngineError::Vgg(easel_vgg::VggError::Tensor(t)) => CoreError::Tensor(t),
+            other => CoreError::Objective(other.to_string()),
+        })?;
+        if !value.is_finite() {
+            return Err(CoreError::NonFinite { value, evaluation: self.evaluations });
+        }
+        Ok((value, grad))
+    }
+}

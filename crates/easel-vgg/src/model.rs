@@ -1,0 +1,282 @@
+//! The VGG-19 feature stack: forward to the deepest tap, and a hand-written input gradient.
+//!
+//! The stack is a fixed chain (conv, ReLU, pool), so its backward pass is written out here
+//! instead of going through candle's generic autograd, which would also compute the kernel
+//! gradient of every convolution although the weights never change.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor};
+use easel_core::{FeatureMaps, LayerId};
+
+use crate::{conv, VggError, WeightsFile, CONVS};
+
+/// How the stack pools between blocks (2x2, stride 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    Max,
+    Avg,
+}
+
+/// How pixels in [0, 1] are turned into network input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preprocess {
+    /// RGB, `(p - mean) / std` with ImageNet statistics (torchvision weights).
+    Torchvision,
+    /// BGR, `255 p - mean` (weights converted from Caffe).
+    Caffe,
+}
+
+const TORCHVISION_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+const TORCHVISION_STD: [f32; 3] = [0.229, 0.224, 0.225];
+const CAFFE_MEAN_BGR: [f32; 3] = [103.939, 116.779, 123.68];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Conv(usize),
+    Relu,
+    Pool,
+}
+
+fn op(index: usize) -> Op {
+    match CONVS.iter().position(|&(i, _, _)| i == index) {
+        Some(ordinal) => Op::Conv(ordinal),
+        None if matches!(index, 4 | 9 | 18 | 27 | 36) => Op::Pool,
+        None => Op::Relu,
+    }
+}
+
+#[derive(Clone)]
+struct ConvWeights {
+    weight: Tensor,
+    bias: Tensor,
+    flipped: Tensor,
+}
+
+/// VGG-19 `features` up to some depth, with its pre-processing and pooling.
+///
+/// Cheap to clone: tensors are reference counted, so one loaded model serves many jobs.
+#[derive(Clone)]
+pub struct Vgg19 {
+    convs: Vec<ConvWeights>,
+    depth: LayerId,
+    pooling: Pooling,
+    preprocess: Preprocess,
+    mean: Tensor,
+    scale: Tensor,
+    device: Device,
+}
+
+/// What the forward pass kept for [`Vgg19::backward`]: the ReLU outputs (masks for the ReLU
+/// gradient and inputs of the pools), and the pre-processed input's shape.
+pub struct Trace {
+    relu_outputs: BTreeMap<usize, Tensor>,
+    input_dims: (usize, usize, usize, usize),
+}
+
+impl Vgg19 {
+    /// Loads the convolutions needed to compute `depth` (and nothing deeper) from `weights`.
+    pub fn load(
+        weights: &WeightsFile,
+        depth: LayerId,
+        pooling: Pooling,
+        preprocess: Preprocess,
+        device: &Device,
+    ) -> Result<Self, VggError> {
+        let last = depth.features_index().unwrap_or(0);
+        let mut convs = Vec::new();
+        for &(index, cin, cout) in CONVS.iter().take_while(|(i, _, _)| *i <= last) {
+            let w = weights.read_f32(&format!("features.{index}.weight"))?;
+            let b = weights.read_f32(&format!("features.{index}.bias"))?;
+            // The input gradient is a convolution with the kernel flipped in y and x and its
+            // in/out channels swapped: flipped[i][o][ky][kx] = w[o][i][2-ky][2-kx].
+            let mut flipped = vec![0f32; w.len()];
+            for o in 0..cout {
+                for i in 0..cin {
+                    for k in 0..9 {
+                        flipped[(i * cout + o) * 9 + (8 - k)] = w[(o * cin + i) * 9 + k];
+                    }
+                }
+            }
+            convs.push(ConvWeights {
+                weight: Tensor::from_vec(w, (cout, cin, 3, 3), device)?,
+                bias: Tensor::from_vec(b, (1, cout, 1, 1), device)?,
+                flipped: Tensor::from_vec(flipped, (cin, cout, 3, 3), device)?,
+            });
+        }
+        let (mean, scale) = match preprocess {
+            Preprocess::Torchvision => (TORCHVISION_MEAN, TORCHVISION_STD.map(|s| 1.0 / s)),
+            Preprocess::Caffe => (CAFFE_MEAN_BGR, [255.0; 3]),
+        };
+        Ok(Self {
+            convs,
+            depth,
+            pooling,
+            preprocess,
+            mean: Tensor::from_slice(&mean, (1, 3, 1, 1), device)?,
+            scale: Tensor::from_slice(&scale, (1, 3, 1, 1), device)?,
+            device: device.clone(),
+        })
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The deepest layer this model can compute.
+    pub fn depth(&self) -> LayerId {
+        self.depth
+    }
+
+    /// The smallest image side that keeps every layer up to `layer` at least 1 pixel.
+    pub fn min_side(layer: LayerId) -> usize {
+        let pools = [4, 9, 18, 27, 36].iter().filter(|&&p| Some(p) <= layer.features_index()).count();
+        1 << pools
+    }
+
+    fn normalise(&self, pixels: &Tensor) -> Result<Tensor, VggError> {
+        let x = match self.preprocess {
+            Preprocess::Torchvision => pixels.clone(),
+            Preprocess::Caffe => pixels.index_select(&Tensor::new(&[2u32, 1, 0], &self.device)?, 1)?,
+        };
+        Ok(match self.preprocess {
+            Preprocess::Torchvision => x.broadcast_sub(&self.mean)?.broadcast_mul(&self.scale)?,
+            Preprocess::Caffe => x.broadcast_mul(&self.scale)?.broadcast_sub(&self.mean)?,
+        })
+    }
+
+    fn check(&self, pixels: &Tensor, deepest: LayerId) -> Result<(), VggError> {
+        if deepest > self.depth {
+            return Err(VggError::NotLoaded { layer: deepest.to_string(), loaded: self.depth.to_string() });
+        }
+        let (_, _, h, w) = pixels.dims4()?;
+        let min = Self::min_side(deepest);
+        if h < min || w < min {
+            return Err(VggError::ImageTooSmall { height: h, width: w, layer: deepest.to_string(), min });
+        }
+        Ok(())
+    }
+
+    /// Runs pixels `[1, 3, H, W]` in [0, 1] up to the deepest of `taps` and returns the taps.
+    pub fn forward(&self, pixels: &Tensor, taps: &[LayerId]) -> Result<FeatureMaps, VggError> {
+        Ok(self.run(pixels, taps, false)?.0)
+    }
+
+    /// Like [`Vgg19::forward`], also keeping what [`Vgg19::backward`] needs.
+    pub fn forward_traced(
+        &self,
+        pixels: &Tensor,
+        taps: &[LayerId],
+    ) -> Result<(FeatureMaps, Trace), VggError> {
+        self.run(pixels, taps, true)
+    }
+
+    fn run(&self, pixels: &Tensor, taps: &[LayerId], keep: bool) -> Result<(FeatureMaps, Trace), VggError> {
+        let deepest = taps.iter().copied().max().unwrap_or(LayerId::Pixels);
+        self.check(pixels, deepest)?;
+        let mut features = FeatureMaps::new();
+        if taps.contains(&LayerId::Pixels) {
+            features.insert(LayerId::Pixels, pixels.clone());
+        }
+        let mut x = self.normalise(pixels)?;
+        let input_dims = x.dims4()?;
+        let mut relu_outputs = BTreeMap::new();
+        let last = deepest.features_index();
+        for index in (0..).take_while(|&i| Some(i) <= last) {
+            x = match op(index) {
+                Op::Conv(k) => conv::forward(&x, &self.convs[k].weight, &self.convs[k].bias)?,
+                Op::Relu => x.relu()?,
+                Op::Pool if self.pooling == Pooling::Max => x.max_pool2d(2)?,
+                Op::Pool => x.avg_pool2d(2)?,
+            };
+            if keep && op(index) == Op::Relu {
+                relu_outputs.insert(index, x.clone());
+            }
+            if let Some(layer) = LayerId::from_features_index(index).filter(|l| taps.contains(l)) {
+                features.insert(layer, x.clone());
+            }
+        }
+        Ok((features, Trace { relu_outputs, input_dims }))
+    }
+
+    /// The gradient w.r.t. the pixels of a function of the taps, given its gradient w.r.t.
+    /// each tap (`Pixels` included, if the function reads the image directly).
+    pub fn backward(&self, trace: &Trace, tap_grads: &[(LayerId, Tensor)]) -> Result<Tensor, VggError> {
+        let grad_at = |index: usize| {
+            tap_grads.iter().filter(move |(l, _)| l.features_index() == Some(index)).map(|(_, g)| g)
+        };
+        let deepest = tap_grads.iter().filter_map(|(l, _)| l.features_index()).max();
+        let mut grad: Option<Tensor> = None;
+        for index in (0..deepest.map_or(0, |d| d + 1)).rev() {
+            for g in grad_at(index) {
+                grad = Some(match grad {
+                    Some(acc) => (acc + g)?,
+                    None => g.clone(),
+                });
+            }
+            let Some(g) = grad.take() else { continue };
+            grad = Some(match op(index) {
+                Op::Conv(k) => conv::input_grad(&g, &self.convs[k].flipped)?,
+                Op::Relu => {
+                    let out = &trace.relu_outputs[&index];
+                    (g * out.gt(0f32)?.to_dtype(DType::F32)?)?
+                }
+                Op::Pool => {
+                    let input = &trace.relu_outputs[&(index - 1)];
+                    match self.pooling {
+                        Pooling::Max => max_pool_backward(input, &g)?,
+                        Pooling::Avg => avg_pool_backward(input.dims4()?, &g)?,
+                    }
+                }
+            });
+        }
+        let mut pixels_grad = match grad {
+            Some(g) => match self.preprocess {
+                Preprocess::Torchvision => g.broadcast_mul(&self.scale)?,
+                Preprocess::Caffe => g
+                    .broadcast_mul(&self.scale)?
+                    .index_select(&Tensor::new(&[2u32, 1, 0], &self.device)?, 1)?,
+            },
+            None => Tensor::zeros(trace.input_dims, DType::F32, &self.device)?,
+        };
+        for (_, g) in tap_grads.iter().filter(|(l, _)| *l == LayerId::Pixels) {
+            pixels_grad = (pixels_grad + g)?;
+        }
+        Ok(pixels_grad)
+    }
+}
+
+/// Spreads each window's gradient evenly over its four inputs; inputs cut off by an odd
+/// size get none.
+fn avg_pool_backward(input_dims: (usize, usize, usize, usize), grad: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, _, h, w) = input_dims;
+    let (_, _, h2, w2) = grad.dims4()?;
+    (grad.upsample_nearest2d(2 * h2, 2 * w2)? * 0.25)?.pad_with_zeros(2, 0, h - 2 * h2)?.pad_with_zeros(
+        3,
+        0,
+        w - 2 * w2,
+    )
+}
+
+/// Routes each window's gradient to its maximum; on ties, to the first in row-major order,
+/// as PyTorch does.
+fn max_pool_backward(input: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, c, h, w) = input.dims4()?;
+    let (h2, w2) = (h / 2, w / 2);
+    let x = input.narrow(2, 0, 2 * h2)?.narrow(3, 0, 2 * w2)?.contiguous()?.reshape((b, c, h2, 2, w2, 2))?;
+    let corner = |dy: usize, dx: usize| x.narrow(3, dy, 1)?.narrow(5, dx, 1)?.reshape((b, c, h2, w2));
+    let (a, bb, cc, d) = (corner(0, 0)?, corner(0, 1)?, corner(1, 0)?, corner(1, 1)?);
+    let max = a.maximum(&bb)?.maximum(&cc.maximum(&d)?)?;
+    let is_max = |t: &Tensor| t.eq(&max)?.to_dtype(DType::F32);
+    let ma = is_max(&a)?;
+    let mb = (is_max(&bb)? * (1.0 - &ma)?)?;
+    let mc = (is_max(&cc)? * ((1.0 - &ma)? - &mb)?)?;
+    let md = (((1.0 - &ma)? - &mb)? - &mc)?;
+    let top = Tensor::stack(&[(grad * ma)?, (grad * mb)?], 4)?;
+    let bottom = Tensor::stack(&[(grad * mc)?, (grad * md)?], 4)?;
+    Tensor::stack(&[top, bottom], 3)?
+        .reshape((b, c, 2 * h2, 2 * w2))?
+        .pad_with_zeros(2, 0, h - 2 * h2)?
+        .pad_with_zeros(3, 0, w - 2 * w2)
+}

@@ -1,0 +1,124 @@
+//! Content loss (Gatys et al. 2015): half the squared distance to the content image's features.
+
+use easel_core::candle_core::{Tensor, D};
+use easel_core::{CoreError, FeatureMaps, LayerId, Loss, LossFactory, OptionSpec, Options, References};
+
+/// Builds [`ContentLoss`] from `type = "content"`.
+pub struct ContentFactory;
+
+const DEFAULT_LAYERS: &[LayerId] = &[LayerId::Relu4_2];
+
+const OPTIONS: &[OptionSpec] = &[OptionSpec {
+    key: "layers",
+    kind: "list of layer names",
+    default: "[\"relu4_2\"]",
+    doc: "layers whose features are matched; the per-layer losses are summed",
+}];
+
+impl LossFactory for ContentFactory {
+    fn name(&self) -> &'static str {
+        "content"
+    }
+
+    fn summary(&self) -> &'static str {
+        "L = 1/2 sum (F - P)^2: keeps the content image's deep features"
+    }
+
+    fn options(&self) -> &'static [OptionSpec] {
+        OPTIONS
+    }
+
+    fn build(&self, options: &mut Options<'_>) -> Box<dyn Loss> {
+        let layers = options.layers("layers", DEFAULT_LAYERS);
+        Box::new(ContentLoss { layers, targets: Vec::new() })
+    }
+}
+
+/// `1/2 sum (F - P)^2` summed over the configured layers, P from the content image.
+pub struct ContentLoss {
+    layers: Vec<LayerId>,
+    targets: Vec<Tensor>,
+}
+
+impl ContentLoss {
+    /// A content loss on `layers`.
+    pub fn new(layers: Vec<LayerId>) -> Self {
+        Self { layers, targets: Vec::new() }
+    }
+}
+
+impl Loss for ContentLoss {
+    fn layers(&self) -> Vec<LayerId> {
+        self.layers.clone()
+    }
+
+    fn prepare(&mut self, references: &References<'_>) -> Result<(), CoreError> {
+        self.targets = self
+            .layers
+            .iter()
+            .map(|&layer| Ok(references.content.get(layer)?.detach()))
+            .collect::<Result<_, CoreError>>()?;
+        Ok(())
+    }
+
+    fn evaluate(&self, features: &FeatureMaps) -> Result<Tensor, CoreError> {
+        if self.targets.len() != self.layers.len() {
+            return Err(CoreError::MissingReference("content loss evaluated before prepare()".into()));
+        }
+        let mut total: Option<Tensor> = None;
+        for (&layer, target) in self.layers.iter().zip(&self.targets) {
+            let diff = (features.get(layer)? - target)?;
+            let term = (diff.sqr()?.flatten_all()?.sum(D::Minus1)? * 0.5)?;
+            total = Some(match total {
+                Some(t) => (t + term)?,
+                None => term,
+            });
+        }
+        total.ok_or_else(|| CoreError::MissingReference("content loss has no layers".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use easel_core::candle_core::{Device, Var};
+
+    #[test]
+    fn value_matches_definition_and_gradient_matches_finite_differences() -> Result<(), CoreError> {
+        let dev = Device::Cpu;
+        let target = Tensor::arange(0f32, 24.0, &dev)?.reshape((1, 2, 3, 4))?;
+        let mut content = FeatureMaps::new();
+        content.insert(LayerId::Relu4_2, (target.clone() * 0.1)?);
+        let mut loss = ContentLoss::new(vec![LayerId::Relu4_2]);
+        loss.prepare(&References { content: &content, styles: &[] })?;
+
+        let x: Vec<f32> = (0..24).map(|i| ((i * 7) % 11) as f32 * 0.13 - 0.4).collect();
+        let at = |x: &[f32]| -> Result<f64, CoreError> {
+            let mut f = FeatureMaps::new();
+            f.insert(LayerId::Relu4_2, Tensor::from_slice(x, (1, 2, 3, 4), &dev)?);
+            Ok(loss.evaluate(&f)?.to_scalar::<f32>()? as f64)
+        };
+        let expected: f64 =
+            x.iter().enumerate().map(|(i, v)| 0.5 * (*v as f64 - 0.1 * i as f64).powi(2)).sum();
+        assert!((at(&x)? - expected).abs() < 1e-4 * expected);
+
+        let var = Var::from_tensor(&Tensor::from_slice(&x, (1, 2, 3, 4), &dev)?)?;
+        let mut f = FeatureMaps::new();
+        f.insert(LayerId::Relu4_2, var.as_tensor().clone());
+        let grads = loss.evaluate(&f)?.backward()?;
+        let grad: Vec<f32> = grads.get(var.as_tensor()).expect("gradient").flatten_all()?.to_vec1()?;
+        for i in [0, 5, 17, 23] {
+            let h = 1e-2f32;
+            let (mut up, mut down) = (x.clone(), x.clone());
+            up[i] += h;
+            down[i] -= h;
+            let fd = (at(&up)? - at(&down)?) / (2.0 * h as f64);
+            assert!(
+                (fd - grad[i] as f64).abs() < 1e-3 * (1.0 + fd.abs()),
+                "entry {i}: fd {fd} vs {}",
+                grad[i]
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,260 @@
+//! Style loss (Gatys et al. 2015): distance between Gram matrices of features, over several layers.
+
+use easel_core::candle_core::Tensor;
+use easel_core::{CoreError, FeatureMaps, LayerId, Loss, LossFactory, OptionSpec, Options, References};
+
+/// Builds [`GramLoss`] from `type = "gram"`.
+pub struct GramFactory;
+
+const DEFAULT_LAYERS: &[LayerId] =
+    &[LayerId::Relu1_1, LayerId::Relu2_1, LayerId::Relu3_1, LayerId::Relu4_1, LayerId::Relu5_1];
+
+const OPTIONS: &[OptionSpec] = &[
+    OptionSpec {
+        key: "layers",
+        kind: "list of layer names",
+        default: "[\"relu1_1\", \"relu2_1\", \"relu3_1\", \"relu4_1\", \"relu5_1\"]",
+        doc: "layers whose Gram matrices are matched",
+    },
+    OptionSpec {
+        key: "layer_weights",
+        kind: "list of numbers >= 0, one per layer",
+        default: "1/n each",
+        doc: "w_l in L = sum_l w_l E_l",
+    },
+];
+
+impl LossFactory for GramFactory {
+    fn name(&self) -> &'static str {
+        "gram"
+    }
+
+    fn summary(&self) -> &'static str {
+        "E_l = sum (G - A)^2 / (4 N^2), G = F F^T / M; several style images blend their A"
+    }
+
+    fn options(&self) -> &'static [OptionSpec] {
+        OPTIONS
+    }
+
+    fn build(&self, options: &mut Options<'_>) -> Box<dyn Loss> {
+        let layers = options.layers("layers", DEFAULT_LAYERS);
+        let n = layers.len().max(1);
+        let layer_weights =
+            match options.numbers("layer_weights", |w| (w < 0.0).then(|| "must be >= 0".into())) {
+                Some(w) if w.len() != layers.len() => {
+                    let msg = format!("has {} entries but `layers` has {}", w.len(), layers.len());
+                    options.error("layer_weights", msg);
+                    vec![1.0 / n as f64; layers.len()]
+                }
+                Some(w) => w,
+                None => vec![1.0 / n as f64; layers.len()],
+            };
+        Box::new(GramLoss { layers, layer_weights, targets: Vec::new() })
+    }
+}
+
+/// The Gram matrix `F F^T / M` of features `[1, N, H, W]`, with `M = H * W`.
+pub fn gram_matrix(features: &Tensor) -> Result<Tensor, CoreError> {
+    let (_, n, h, w) = features.dims4()?;
+    let f = features.reshape((n, h * w))?;
+    Ok((f.matmul(&f.t()?)? / (h * w) as f64)?)
+}
+
+/// `sum_l w_l E_l` with `E_l = sum (G_l - A_l)^2 / (4 N_l^2)`; `A_l` blends the style images.
+pub struct GramLoss {
+    layers: Vec<LayerId>,
+    layer_weights: Vec<f64>,
+    targets: Vec<Tensor>,
+}
+
+impl GramLoss {
+    /// A Gram loss on `layers` with `layer_weights` (same length).
+    pub fn new(layers: Vec<LayerId>, layer_weights: Vec<f64>) -> Self {
+        Self { layers, layer_weights, targets: Vec::new() }
+    }
+
+    /// The unweighted `E_l` of each layer, for reports.
+    pub fn per_layer(&self, features: &FeatureMaps) -> Result<Vec<(LayerId, Tensor)>, CoreError> {
+        self.check_prepared()?;
+        self.layers
+            .iter()
+            .zip(&self.targets)
+            .map(|(&layer, target)| {
+                let g = gram_matrix(features.get(layer)?)?;
+                let n = g.dim(0)? as f64;
+                let e = ((g - target)?.sqr()?.sum_all()? / (4.0 * n * n))?;
+                Ok((layer, e))
+            })
+            .collect()
+    }
+
+    fn check_prepared(&self) -> Result<(), CoreError> {
+        if self.targets.len() == self.layers.len() {
+            Ok(())
+        } else {
+            Err(CoreError::MissingReference("gram loss evaluated before prepare()".into()))
+        }
+    }
+}
+
+impl Loss for GramLoss {
+    fn layers(&self) -> Vec<LayerId> {
+        self.layers.clone()
+    }
+
+    fn prepare(&mut self, references: &References<'_>) -> Result<(), CoreError> {
+        if references.styles.is_empty() {
+            return Err(CoreError::MissingReference("the gram loss needs at least one style image".into()));
+        }
+        let total_weight: f64 = references.styles.iter().map(|s| s.weight).sum();
+        let mut targets = Vec::with_capacity(self.layers.len());
+        for &layer in &self.layers {
+            let mut blend: Option<Tensor> = None;
+            for style in references.styles {
+                let g = (gram_matrix(style.features.get(layer)?)? * (style.weight / total_weight))?;
+                blend = Some(match blend {
+                    Some(b) => (b + g)?,
+                    None => g,
+                });
+            }
+            targets.extend(blend.map(|b| b.detach()));
+        }
+        self.targets = targets;
+        Ok(())
+    }
+
+    fn evaluate(&self, features: &FeatureMaps) -> Result<Tensor, CoreError> {
+        let mut total: Option<Tensor> = None;
+        for ((_, e), &w) in self.per_layer(features)?.into_iter().zip(&self.layer_weights) {
+            let term = (e * w)?;
+            total = Some(match total {
+                Some(t) => (t + term)?,
+                None => term,
+            });
+        }
+        total.ok_or_else(|| CoreError::MissingReference("gram loss has no layers".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use easel_core::candle_core::{Device, Var};
+    use easel_core::StyleReference;
+
+    fn maps(
+        layer: LayerId,
+        values: &[f32],
+        shape: (usize, usize, usize, usize),
+    ) -> Result<FeatureMaps, CoreError> {
+        let mut f = FeatureMaps::new();
+        f.insert(layer, Tensor::from_slice(values, shape, &Device::Cpu)?);
+        Ok(f)
+    }
+
+    fn pattern(n: usize, k: usize) -> Vec<f32> {
+        (0..n).map(|i| (((i * k) % 13) as f32 - 6.0) * 0.07).collect()
+    }
+
+    #[test]
+    fn blends_styles_and_matches_definition() -> Result<(), CoreError> {
+        let layer = LayerId::Relu1_1;
+        // Two styles of different sizes: Gram matrices are normalised by their own M.
+        let s1 = pattern(2 * 3 * 3, 5);
+        let s2 = pattern(2 * 2 * 2, 3);
+        let styles = vec![
+            StyleReference { features: maps(layer, &s1, (1, 2, 3, 3))?, weight: 0.75 },
+            StyleReference { features: maps(layer, &s2, (1, 2, 2, 2))?, weight: 0.25 },
+        ];
+        let empty = FeatureMaps::new();
+        let mut loss = GramLoss::new(vec![layer], vec![1.0]);
+        loss.prepare(&References { content: &empty, styles: &styles })?;
+
+        let gram = |f: &[f32], m: usize| -> [[f64; 2]; 2] {
+            let mut g = [[0.0; 2]; 2];
+            for (a, row) in g.iter_mut().enumerate() {
+                for (b, cell) in row.iter_mut().enumerate() {
+                    *cell = (0..m).map(|i| f[a * m + i] as f64 * f[b * m + i] as f64).sum::<f64>() / m as f64;
+                }
+            }
+            g
+        };
+        let x = pattern(2 * 4 * 4, 7);
+        let (g1, g2, gx) = (gram(&s1, 9), gram(&s2, 4), gram(&x, 16));
+        let mut expected = 0.0;
+        for a in 0..2 {
+            for b in 0..2 {
+                let target = 0.75 * g1[a][b] + 0.25 * g2[a][b];
+                expected += (gx[a][b] - target).powi(2);
+            }
+        }
+        expected /= 4.0 * 4.0;
+        let got = loss.evaluate(&maps(layer, &x, (1, 2, 4, 4))?)?.to_scalar::<f32>()? as f64;
+        assert!((got - expected).abs() < 1e-5 * expected, "{got} vs {expected}");
+        Ok(())
+    }
+
+    #[test]
+    fn gradient_matches_finite_differences() -> Result<(), CoreError> {
+        let layers = [LayerId::Relu1_1, LayerId::Relu2_1];
+        let mut style = FeatureMaps::new();
+        style.insert(layers[0], Tensor::from_slice(&pattern(3 * 4 * 4, 5), (1, 3, 4, 4), &Device::Cpu)?);
+        style.insert(layers[1], Tensor::from_slice(&pattern(4 * 2 * 2, 3), (1, 4, 2, 2), &Device::Cpu)?);
+        let styles = vec![StyleReference { features: style, weight: 1.0 }];
+        let empty = FeatureMaps::new();
+        let mut loss = GramLoss::new(layers.to_vec(), vec![0.3, 0.7]);
+        loss.prepare(&References { content: &empty, styles: &styles })?;
+
+        let x1 = pattern(3 * 4 * 4, 7);
+        let x2 = pattern(4 * 2 * 2, 11);
+        let at = |x1: &[f32], x2: &[f32]| -> Result<f64, CoreError> {
+            let mut f = maps(layers[0], x1, (1, 3, 4, 4))?;
+            f.insert(layers[1], Tensor::from_slice(x2, (1, 4, 2, 2), &Device::Cpu)?);
+            Ok(loss.evaluate(&f)?.to_scalar::<f32>()? as f64)
+        };
+        let v1 = Var::from_tensor(&Tensor::from_slice(&x1, (1, 3, 4, 4), &Device::Cpu)?)?;
+        let v2 = Var::from_tensor(&Tensor::from_slice(&x2, (1, 4, 2, 2), &Device::Cpu)?)?;
+        let mut f = FeatureMaps::new();
+        f.insert(layers[0], v1.as_tensor().clone());
+        f.insert(layers[1], v2.as_tensor().clone());
+        let grads = loss.evaluate(&f)?.backward()?;
+        let g1: Vec<f32> = grads.get(v1.as_tensor()).expect("gradient").flatten_all()?.to_vec1()?;
+        let g2: Vec<f32> = grads.get(v2.as_tensor()).expect("gradient").flatten_all()?.to_vec1()?;
+        let h = 1e-2f32;
+        for i in [0, 9, 30, 47] {
+            let (mut up, mut down) = (x1.clone(), x1.clone());
+            up[i] += h;
+            down[i] -= h;
+            let fd = (at(&up, &x2)? - at(&down, &x2)?) / (2.0 * h as f64);
+            assert!(
+                (fd - g1[i] as f64).abs() < 2e-3 * (1e-3 + fd.abs()),
+                "relu1_1[{i}]: fd {fd} vs {}",
+                g1[i]
+            );
+        }
+        for i in [0, 6, 15] {
+            let (mut up, mut down) = (x2.clone(), x2.clone());
+            up[i] += h;
+            down[i] -= h;
+            let fd = (at(&x1, &up)? - at(&x1, &down)?) / (2.0 * h as f64);
+            assert!(
+                (fd - g2[i] as f64).abs() < 2e-3 * (1e-3 + fd.abs()),
+                "relu2_1[{i}]: fd {fd} vs {}",
+                g2[i]
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn layer_weights_must_match_layers() {
+        let t: easel_core::toml::Table =
+            "layers = [\"relu1_1\"]\nlayer_weights = [0.5, 0.5]".parse().expect("toml");
+        let mut o = Options::new(&t, "loss[1]");
+        let _ = GramFactory.build(&mut o);
+        let errors = o.finish();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].to_string(), "loss[1].layer_weights: has 2 entries but `layers` has 1");
+    }
+}

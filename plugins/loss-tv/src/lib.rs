@@ -1,0 +1,107 @@
+//! Total-variation loss: squared differences of neighbouring pixels, for smoother results.
+
+use easel_core::candle_core::Tensor;
+use easel_core::{CoreError, FeatureMaps, LayerId, Loss, LossFactory, OptionSpec, Options, References};
+
+/// Builds [`TvLoss`] from `type = "tv"`.
+pub struct TvFactory;
+
+impl LossFactory for TvFactory {
+    fn name(&self) -> &'static str {
+        "tv"
+    }
+
+    fn summary(&self) -> &'static str {
+        "L = sum (p[y+1,x]-p[y,x])^2 + (p[y,x+1]-p[y,x])^2 on the pixel image: suppresses noise"
+    }
+
+    fn options(&self) -> &'static [OptionSpec] {
+        &[]
+    }
+
+    fn build(&self, _options: &mut Options<'_>) -> Box<dyn Loss> {
+        Box::new(TvLoss)
+    }
+}
+
+/// Sum of squared vertical and horizontal neighbour differences over all channels.
+pub struct TvLoss;
+
+impl Loss for TvLoss {
+    fn layers(&self) -> Vec<LayerId> {
+        vec![LayerId::Pixels]
+    }
+
+    fn prepare(&mut self, _references: &References<'_>) -> Result<(), CoreError> {
+        Ok(())
+    }
+
+    fn evaluate(&self, features: &FeatureMaps) -> Result<Tensor, CoreError> {
+        let p = features.get(LayerId::Pixels)?;
+        let (_, _, h, w) = p.dims4()?;
+        let mut total = Tensor::zeros((), p.dtype(), p.device())?;
+        if h > 1 {
+            let dy = (p.narrow(2, 1, h - 1)? - p.narrow(2, 0, h - 1)?)?;
+            total = (total + dy.sqr()?.sum_all()?)?;
+        }
+        if w > 1 {
+            let dx = (p.narrow(3, 1, w - 1)? - p.narrow(3, 0, w - 1)?)?;
+            total = (total + dx.sqr()?.sum_all()?)?;
+        }
+        Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use easel_core::candle_core::{Device, Var};
+
+    fn image(x: &[f32]) -> Result<FeatureMaps, CoreError> {
+        let mut f = FeatureMaps::new();
+        f.insert(LayerId::Pixels, Tensor::from_slice(x, (1, 2, 3, 4), &Device::Cpu)?);
+        Ok(f)
+    }
+
+    #[test]
+    fn value_matches_definition_and_gradient_matches_finite_differences() -> Result<(), CoreError> {
+        let x: Vec<f32> = (0..24).map(|i| ((i * 5) % 7) as f32 * 0.1).collect();
+        let at = |x: &[f32]| -> Result<f64, CoreError> {
+            Ok(TvLoss.evaluate(&image(x)?)?.to_scalar::<f32>()? as f64)
+        };
+        let px = |c: usize, y: usize, x_: usize| x[c * 12 + y * 4 + x_] as f64;
+        let mut expected = 0.0;
+        for c in 0..2 {
+            for y in 0..3 {
+                for x_ in 0..4 {
+                    if y + 1 < 3 {
+                        expected += (px(c, y + 1, x_) - px(c, y, x_)).powi(2);
+                    }
+                    if x_ + 1 < 4 {
+                        expected += (px(c, y, x_ + 1) - px(c, y, x_)).powi(2);
+                    }
+                }
+            }
+        }
+        assert!((at(&x)? - expected).abs() < 1e-5 * expected.max(1.0));
+
+        let var = Var::from_tensor(&Tensor::from_slice(&x, (1, 2, 3, 4), &Device::Cpu)?)?;
+        let mut f = FeatureMaps::new();
+        f.insert(LayerId::Pixels, var.as_tensor().clone());
+        let grads = TvLoss.evaluate(&f)?.backward()?;
+        let grad: Vec<f32> = grads.get(var.as_tensor()).expect("gradient").flatten_all()?.to_vec1()?;
+        for i in 0..24 {
+            let h = 1e-2f32;
+            let (mut up, mut down) = (x.clone(), x.clone());
+            up[i] += h;
+            down[i] -= h;
+            let fd = (at(&up)? - at(&down)?) / (2.0 * h as f64);
+            assert!(
+                (fd - grad[i] as f64).abs() < 1e-3 * (1.0 + fd.abs()),
+                "entry {i}: fd {fd} vs {}",
+                grad[i]
+            );
+        }
+        Ok(())
+    }
+}

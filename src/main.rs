@@ -1,0 +1,88 @@
+//! The `easel` command line: parses flags, sets up logging, and hands over to the libraries.
+
+mod commands;
+mod registry;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "easel", version, about = "Neural style transfer (Gatys et al.) for small machines")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// More log output (-v: debug, -vv: trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Worker threads for the tensor kernels (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Paint CONTENT in the style of STYLE and write the result.
+    Run(commands::run::RunArgs),
+    /// Each loss's value and gradient norm at an image, as JSON: for balancing loss weights.
+    Eval(commands::eval::EvalArgs),
+    /// Time iterations and measure peak memory, as JSON.
+    Bench(commands::bench::BenchArgs),
+    /// Get, make and check VGG-19 weights files.
+    #[command(subcommand)]
+    Weights(commands::weights::WeightsCommand),
+    /// Check or show configuration files.
+    #[command(subcommand)]
+    Config(commands::config::ConfigCommand),
+    /// List the loss and optimiser plugins and their options.
+    Plugins,
+}
+
+fn init_logging(format: LogFormat, verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        // candle's CPU kernels size their thread pools from this variable on first use.
+        std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
+    }
+    init_logging(cli.log_format, cli.verbose);
+    let registry = registry::registry();
+    let result = match cli.command {
+        Command::Run(args) => commands::run::run(args, &registry),
+        Command::Eval(args) => commands::eval::eval(args, &registry),
+        Command::Bench(args) => commands::bench::bench(args, &registry),
+        Command::Weights(cmd) => commands::weights::weights(cmd),
+        Command::Config(cmd) => commands::config::config(cmd, &registry),
+        Command::Plugins => commands::config::plugins(&registry),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
