@@ -318,7 +318,7 @@ mod tests {
         assert_eq!(o.positive("weight", 1.0), 1.0);
         let layers = o.layers("layers", &[]);
         assert_eq!(layers, vec![LayerId::Relu1_1]);
-        assert!(o.boolean("flag", false) == false);
+        assert!(!o.boolean("flag", false));
         let errors: Vec<String> = o.finish().iter().map(|e| e.to_string()).collect();
         assert_eq!(errors.len(), 5, "{errors:#?}");
         assert_eq!(errors[0], "loss[1].weight: must be > 0, got -3");

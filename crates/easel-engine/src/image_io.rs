@@ -44,7 +44,7 @@ pub fn load_image(path: &Path, limits: &Limits) -> Result<RgbImage, EngineError>
         return Err(image_error(path, "not an image easel can read (PNG or JPEG)"));
     }
     let (w, h) =
-        reader.into_dimensions().map_err(|e| image_error(path, format!("cannot read image: {e}")))?;
+        reader.into_dimensions().map_err(|e| image_error(path, format!("cannot decode image: {e}")))?;
     let pixels = w as u64 * h as u64;
     if pixels > limits.max_pixels {
         return Err(image_error(

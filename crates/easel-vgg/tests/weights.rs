@@ -104,7 +104,7 @@ fn bad_files_are_errors_naming_file_and_tensor() {
     safetensors::tensor::serialize_to_file(vec![("features.0.weight".to_string(), view)], &None, &wrong)
         .expect("written");
     let file = WeightsFile::open(&wrong).expect("header is valid");
-    let msg = file.read_f32("features.0.weight").err().expect("wrong shape").to_string();
+    let msg = file.read_f32("features.0.weight").expect_err("wrong shape").to_string();
     assert!(msg.contains("wrong.safetensors") && msg.contains("features.0.weight"), "{msg}");
     assert!(msg.contains("[64, 4, 3, 3]") && msg.contains("[64, 3, 3, 3]"), "{msg}");
     assert!(!file.inspect().problems.is_empty());

@@ -1,0 +1,446 @@
+//! End-to-end tests of the `easel` binary: real runs on the test images with synthetic
+//! weights, the JSON commands, weights tools, and every kind of bad input.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+fn easel() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_easel"));
+    // Keep the user's environment from choosing weights for these tests.
+    cmd.env_remove("EASEL_WEIGHTS").env("XDG_DATA_HOME", scratch().join("no-data-home"));
+    cmd
+}
+
+fn data(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
+}
+
+/// A folder shared by this test binary, holding one synthetic weights file.
+fn scratch() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| tempfile::tempdir().expect("temp dir")).path()
+}
+
+fn synth_weights() -> &'static Path {
+    static WEIGHTS: OnceLock<PathBuf> = OnceLock::new();
+    WEIGHTS.get_or_init(|| {
+        let path = scratch().join("synth0.safetensors");
+        let out = Command::new(env!("CARGO_BIN_EXE_easel"))
+            .args(["weights", "synth", "--seed", "0", "--out"])
+            .arg(&path)
+            .output()
+            .expect("easel runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        path
+    })
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn run_job(dir: &Path, out_name: &str, extra: &[&str]) -> (Output, PathBuf) {
+    let out_path = dir.join(out_name);
+    let output = easel()
+        .arg("run")
+        .arg("--content")
+        .arg(data("content.png"))
+        .arg("--style")
+        .arg(data("style.png"))
+        .arg("--weights")
+        .arg(synth_weights())
+        .arg("--out")
+        .arg(&out_path)
+        .args(["--size", "64", "--iterations", "6"])
+        .args(extra)
+        .output()
+        .expect("easel runs");
+    (output, out_path)
+}
+
+/// "loss A -> B" from the run summary.
+fn losses(summary: &str) -> (f64, f64) {
+    let tail = summary.rsplit("loss ").next().expect("summary has a loss");
+    let mut parts = tail.split(" -> ");
+    let a = parts.next().and_then(|s| s.trim().parse().ok()).expect("first loss");
+    let b = parts.next().and_then(|s| s.trim().parse().ok()).expect("last loss");
+    (a, b)
+}
+
+#[test]
+fn run_writes_a_png_of_the_requested_size_and_the_loss_falls() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (out, path) = run_job(dir.path(), "painting.png", &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let image = image::open(&path).expect("output decodes");
+    assert_eq!((image.width(), image.height()), (64, 48));
+    assert_eq!(image::ImageFormat::from_path(&path).expect("format"), image::ImageFormat::Png);
+    let bytes = std::fs::read(&path).expect("read");
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    let (first, last) = losses(&stderr(&out));
+    assert!(last < first, "loss did not fall: {first} -> {last}");
+    // Only the result: no temp files left beside it.
+    let names: Vec<_> =
+        std::fs::read_dir(dir.path()).expect("ls").map(|e| e.expect("entry").file_name()).collect();
+    assert_eq!(names, ["painting.png"]);
+}
+
+#[test]
+fn run_writes_jpeg_by_extension_with_previews_and_adam() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (out, path) =
+        run_job(dir.path(), "painting.jpg", &["--save-every", "2", "--optimizer", "adam", "--init", "noise"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let bytes = std::fs::read(&path).expect("read");
+    assert_eq!(&bytes[..3], b"\xff\xd8\xff", "JPEG signature");
+    let image = image::open(&path).expect("decodes");
+    assert_eq!((image.width(), image.height()), (64, 48));
+    for preview in ["painting_0002.jpg", "painting_0004.jpg"] {
+        assert!(dir.path().join(preview).is_file(), "missing preview {preview}");
+    }
+    let (first, last) = losses(&stderr(&out));
+    assert!(last < first, "loss did not fall: {first} -> {last}");
+}
+
+#[test]
+fn two_styles_blend_and_two_scales_run() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let style2 = data("content.png");
+    let (out, path) = run_job(
+        dir.path(),
+        "blend.png",
+        &["--style", style2.to_str().expect("utf8"), "--style-weights", "0.7,0.3", "--scales", "2"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let image = image::open(&path).expect("decodes");
+    assert_eq!((image.width(), image.height()), (64, 48));
+    assert!(stderr(&out).contains("12 iterations"), "{}", stderr(&out));
+}
+
+#[test]
+fn eval_reports_each_loss_as_json() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let at = dir.path().join("gradient.png");
+    image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, 128]))
+        .save(&at)
+        .expect("save");
+    let out = easel()
+        .arg("eval")
+        .arg("--content")
+        .arg(data("content.png"))
+        .arg("--style")
+        .arg(data("style.png"))
+        .arg("--weights")
+        .arg(synth_weights())
+        .arg("--at")
+        .arg(&at)
+        .args(["--size", "128", "--json"])
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let losses = v["losses"].as_array().expect("losses");
+    let kinds: Vec<&str> = losses.iter().map(|l| l["type"].as_str().expect("type")).collect();
+    assert_eq!(kinds, ["content", "gram", "tv"]);
+    let mut total = 0.0;
+    for l in losses {
+        let (w, value, g) = (l["weight"].as_f64(), l["value"].as_f64(), l["grad_l2"].as_f64());
+        let (w, value, g) = (w.expect("weight"), value.expect("value"), g.expect("grad_l2"));
+        assert!(value > 0.0 && g > 0.0, "{l}");
+        total += w * value;
+    }
+    let reported = v["total"].as_f64().expect("total");
+    assert!((reported - total).abs() <= 1e-9 * total, "{reported} vs {total}");
+}
+
+#[test]
+fn bench_prints_timings_and_memory_as_json() {
+    let out = easel()
+        .args(["--threads", "2", "bench", "--content"])
+        .arg(data("content.png"))
+        .arg("--style")
+        .arg(data("style.png"))
+        .arg("--weights")
+        .arg(synth_weights())
+        .args(["--size", "64", "--iterations", "3", "--optimizer", "adam", "--json"])
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["size"], 64);
+    assert_eq!(v["iterations"], 3);
+    assert_eq!(v["threads"], 2);
+    assert!(v["s_per_iter"].as_f64().expect("s_per_iter") > 0.0);
+    assert!(v["peak_rss_mb"].as_f64().expect("peak_rss_mb") > 1.0);
+    assert!(v["loss_last"].as_f64() < v["loss_first"].as_f64(), "{v}");
+}
+
+#[test]
+fn weights_inspect_tells_usable_from_unusable() {
+    let out = easel().args(["weights", "inspect"]).arg(synth_weights()).output().expect("runs");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("features.34.weight") && text.contains("[512, 512, 3, 3]"), "{text}");
+    assert!(text.contains("usable VGG-19: yes"), "{text}");
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let partial = dir.path().join("partial.safetensors");
+    // A valid safetensors file holding only conv1_1.
+    let full = std::fs::read(synth_weights()).expect("read");
+    let n = u64::from_le_bytes(full[..8].try_into().expect("8 bytes")) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&full[8..8 + n]).expect("header");
+    let mut small = serde_json::Map::new();
+    let mut data = Vec::new();
+    for name in ["features.0.weight", "features.0.bias"] {
+        let info = &header[name];
+        let (a, b) = (
+            info["data_offsets"][0].as_u64().expect("a") as usize,
+            info["data_offsets"][1].as_u64().expect("b") as usize,
+        );
+        let start = data.len();
+        data.extend_from_slice(&full[8 + n + a..8 + n + b]);
+        let mut entry = info.clone();
+        entry["data_offsets"] = serde_json::json!([start, data.len()]);
+        small.insert(name.into(), entry);
+    }
+    let head = serde_json::to_vec(&small).expect("json");
+    let mut bytes = (head.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(head);
+    bytes.extend(data);
+    std::fs::write(&partial, bytes).expect("write");
+    let out = easel().args(["weights", "inspect"]).arg(&partial).output().expect("runs");
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("usable VGG-19: no") && text.contains("features.2.weight"), "{text}");
+}
+
+#[test]
+fn config_check_and_plugins() {
+    let ok = easel()
+        .args(["config", "check"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/pi.toml"))
+        .output()
+        .expect("runs");
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("pi.toml: ok"));
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[run]\nsize = -4\ncolour = 1\n[[loss]]\ntype = \"gram\"\nweight = \"high\"\n")
+        .expect("write");
+    let out = easel().args(["config", "check"]).arg(&bad).output().expect("runs");
+    assert!(!out.status.success());
+    let text = stderr(&out);
+    for expected in [
+        "run.size: must be in",
+        "run.colour: unknown key",
+        "loss[0].weight: expected a number, got string \"high\"",
+    ] {
+        assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
+    }
+
+    let out = easel().arg("plugins").output().expect("runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for name in ["content", "gram", "tv", "lbfgs", "adam", "gd", "layer_weights", "history"] {
+        assert!(text.contains(name), "plugins output lacks {name}:\n{text}");
+    }
+}
+
+/// Runs a job expected to fail: non-zero exit, an error mentioning `needle`, no output.
+fn assert_fails(dir: &Path, args: &[&std::ffi::OsStr], needle: &str) {
+    let out_path = dir.join("never.png");
+    let out = easel()
+        .arg("run")
+        .args(args)
+        .arg("--out")
+        .arg(&out_path)
+        .args(["--size", "64", "--iterations", "2"])
+        .output()
+        .expect("runs");
+    let text = stderr(&out);
+    assert!(!out.status.success(), "should fail with `{needle}`: {text}");
+    assert!(text.contains(needle), "error should mention `{needle}`:\n{text}");
+    assert!(!out_path.exists(), "no output may be left behind");
+    let leftovers: Vec<_> = std::fs::read_dir(dir)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("never"))
+        .collect();
+    assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+}
+
+#[test]
+fn bad_inputs_fail_clearly_and_leave_no_output() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    let os = |p: &Path| p.as_os_str().to_owned();
+    let content = os(&data("content.png"));
+    let style = os(&data("style.png"));
+    let weights = os(synth_weights());
+    let job = |c: &std::ffi::OsStr, w: &std::ffi::OsStr, extra: &[std::ffi::OsString]| {
+        let mut v: Vec<std::ffi::OsString> =
+            vec!["--content".into(), c.into(), "--style".into(), style.clone(), "--weights".into(), w.into()];
+        v.extend(extra.iter().cloned());
+        v
+    };
+    let check = |args: Vec<std::ffi::OsString>, needle: &str| {
+        let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        assert_fails(d, &refs, needle);
+    };
+
+    let png = std::fs::read(data("content.png")).expect("read");
+    let corrupt = d.join("corrupt.png");
+    std::fs::write(&corrupt, &png[..png.len() / 3]).expect("write");
+    check(job(&os(&corrupt), &weights, &[]), "corrupt.png: cannot decode image");
+
+    let text = d.join("notes.png");
+    std::fs::write(&text, "these are my holiday notes, not a picture\n").expect("write");
+    check(job(&os(&text), &weights, &[]), "notes.png: cannot decode image");
+
+    check(job(&os(&d.join("nowhere.png")), &weights, &[]), "nowhere.png: No such file");
+
+    let limits = d.join("limits.toml");
+    std::fs::write(&limits, "[limits]\nmax_pixels = 1000\n").expect("write");
+    check(
+        job(&content, &weights, &["--config".into(), os(&limits)]),
+        "over the limit of 1000 (limits.max_pixels)",
+    );
+
+    let w = std::fs::read(synth_weights()).expect("read");
+    let truncated = d.join("truncated.safetensors");
+    std::fs::write(&truncated, &w[..w.len() / 2]).expect("write");
+    check(job(&content, &os(&truncated), &[]), "truncated.safetensors: truncated safetensors file");
+
+    let garbage = d.join("garbage.safetensors");
+    std::fs::write(&garbage, "GARBAGE GARBAGE GARBAGE GARBAGE").expect("write");
+    check(job(&content, &os(&garbage), &[]), "garbage.safetensors: not a safetensors file");
+
+    for (name, body, needle) in [
+        ("unknown-key.toml", "[run]\nsizes = 64\n", "run.sizes: unknown key"),
+        ("wrong-type.toml", "[run]\nseed = \"many\"\n", "run.seed: expected an integer, got string \"many\""),
+        (
+            "unknown-plugin.toml",
+            "[optimizer]\ntype = \"newton\"\n",
+            "optimizer.type: unknown optimizer \"newton\"; available: lbfgs, adam, gd",
+        ),
+        (
+            "unknown-loss.toml",
+            "[[loss]]\ntype = \"glow\"\n",
+            "loss[0].type: unknown loss \"glow\"; available: content, gram, tv",
+        ),
+    ] {
+        let path = d.join(name);
+        std::fs::write(&path, body).expect("write");
+        check(job(&content, &weights, &["--config".into(), os(&path)]), needle);
+    }
+}
+
+#[test]
+fn without_weights_it_says_how_to_get_them() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = easel()
+        .env("HOME", dir.path())
+        .arg("run")
+        .arg("--content")
+        .arg(data("content.png"))
+        .arg("--style")
+        .arg(data("style.png"))
+        .arg("--out")
+        .arg(dir.path().join("x.png"))
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let text = stderr(&out);
+    assert!(text.contains("easel weights fetch") && text.contains("easel weights synth"), "{text}");
+    assert!(text.contains("EASEL_WEIGHTS"), "{text}");
+    assert!(!dir.path().join("x.png").exists());
+}
+
+#[test]
+fn refuses_to_overwrite_an_input() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let content = dir.path().join("photo.png");
+    std::fs::copy(data("content.png"), &content).expect("copy");
+    let before = std::fs::read(&content).expect("read");
+    let out = easel()
+        .arg("run")
+        .arg("--content")
+        .arg(&content)
+        .arg("--style")
+        .arg(data("style.png"))
+        .arg("--weights")
+        .arg(synth_weights())
+        .arg("--out")
+        .arg(&content)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("would overwrite the input"), "{}", stderr(&out));
+    assert_eq!(std::fs::read(&content).expect("read"), before);
+}
+
+/// Serves `body` to each of `requests` connections with `status`, on 127.0.0.1.
+fn serve(body: Vec<u8>, status: &'static str, requests: usize) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(requests) {
+            let Ok(mut stream) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let head =
+                format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body);
+        }
+    });
+    format!("http://{addr}/vgg19.safetensors")
+}
+
+#[test]
+fn weights_fetch_downloads_checks_and_installs() {
+    use sha2::Digest;
+    let body = std::fs::read(synth_weights()).expect("read");
+    let sha = format!("{:x}", sha2::Sha256::digest(&body));
+    let dir = tempfile::tempdir().expect("tmp");
+
+    let url = serve(body.clone(), "200 OK", 1);
+    let dest = dir.path().join("models/vgg19.safetensors");
+    let out = easel()
+        .args(["weights", "fetch", "--url", &url, "--sha256", &sha, "--out"])
+        .arg(&dest)
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read(&dest).expect("installed"), body);
+
+    let url = serve(body.clone(), "200 OK", 1);
+    let wrong = dir.path().join("wrong.safetensors");
+    let out = easel()
+        .args(["weights", "fetch", "--url", &url, "--sha256", "00ff", "--out"])
+        .arg(&wrong)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("expected 00ff"), "{}", stderr(&out));
+    assert!(!wrong.exists());
+
+    let url = serve(b"not found".to_vec(), "404 Not Found", 1);
+    let missing = dir.path().join("missing.safetensors");
+    let out =
+        easel().args(["weights", "fetch", "--url", &url, "--out"]).arg(&missing).output().expect("runs");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("404"), "{}", stderr(&out));
+
+    let url = serve(b"plain text, not weights".to_vec(), "200 OK", 1);
+    let text = dir.path().join("text.safetensors");
+    let out = easel().args(["weights", "fetch", "--url", &url, "--out"]).arg(&text).output().expect("runs");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not a safetensors file"), "{}", stderr(&out));
+    let left: Vec<_> =
+        std::fs::read_dir(dir.path()).expect("ls").map(|e| e.expect("e").file_name()).collect();
+    assert_eq!(left, ["models"], "failed downloads leave nothing behind");
+}
