@@ -444,3 +444,49 @@ fn weights_fetch_downloads_checks_and_installs() {
         std::fs::read_dir(dir.path()).expect("ls").map(|e| e.expect("e").file_name()).collect();
     assert_eq!(left, ["models"], "failed downloads leave nothing behind");
 }
+
+#[test]
+fn weights_convert_reads_a_pytorch_state_dict() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pth = dir.path().join("vgg19.pth");
+    let made = Command::new("python3")
+        .arg(data("make_pth.py"))
+        .arg(synth_weights())
+        .arg(&pth)
+        .output()
+        .expect("python3 runs (it is part of the test toolchain)");
+    assert!(made.status.success(), "{}", stderr(&made));
+    let out_path = dir.path().join("vgg19.safetensors");
+    let out = easel().args(["weights", "convert"]).arg(&pth).arg("--out").arg(&out_path).output().expect("runs");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let original = easel_tensors(synth_weights());
+    assert_eq!(easel_tensors(&out_path), original, "converted tensors equal the originals");
+
+    let not_pth = dir.path().join("notes.pth");
+    std::fs::write(&not_pth, "not a zip").expect("write");
+    let bad_out = dir.path().join("bad.safetensors");
+    let out = easel().args(["weights", "convert"]).arg(&not_pth).arg("--out").arg(&bad_out).output().expect("runs");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("notes.pth: not a PyTorch state dict"), "{}", stderr(&out));
+    assert!(!bad_out.exists());
+}
+
+/// Each tensor's name and raw bytes, from a safetensors file.
+fn easel_tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let bytes = std::fs::read(path).expect("read");
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).expect("header");
+    let mut out: Vec<(String, Vec<u8>)> = header
+        .as_object()
+        .expect("object")
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, v)| {
+            let a = v["data_offsets"][0].as_u64().expect("a") as usize;
+            let b = v["data_offsets"][1].as_u64().expect("b") as usize;
+            (k.clone(), bytes[8 + n + a..8 + n + b].to_vec())
+        })
+        .collect();
+    out.sort();
+    out
+}

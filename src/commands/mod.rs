@@ -127,6 +127,7 @@ pub fn resolve_weights(flag: Option<&Path>, plan: &Plan) -> Result<PathBuf> {
     bail!(
         "no VGG-19 weights{}.\n\
          Get pretrained ImageNet weights (548 MB) with:\n    easel weights fetch\n\
+         or convert torchvision's vgg19-dcbb9e9d.pth with:\n    easel weights convert vgg19-dcbb9e9d.pth --out vgg19.safetensors\n\
          or, for tests only (texture-like results), make synthetic ones:\n    easel weights synth --seed 0 --out synth.safetensors\n\
          then pass --weights FILE, set model.weights in a config, or set EASEL_WEIGHTS.",
         looked.unwrap_or_default()

@@ -23,6 +23,13 @@ pub enum WeightsCommand {
     },
     /// List a file's tensors and say whether it is a usable VGG-19.
     Inspect { file: PathBuf },
+    /// Convert a PyTorch state dict (torchvision's vgg19-dcbb9e9d.pth) to safetensors.
+    Convert {
+        /// The .pth file (a zip archive written by torch.save).
+        input: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
     /// Download pretrained VGG-19 weights (torchvision's, 548 MB) and check them.
     Fetch {
         /// Where to download from.
@@ -45,6 +52,7 @@ pub fn weights(cmd: WeightsCommand) -> Result<()> {
             Ok(())
         }
         WeightsCommand::Inspect { file } => inspect(&file),
+        WeightsCommand::Convert { input, out } => convert(&input, &out),
         WeightsCommand::Fetch { url, out, sha256 } => {
             let out = match out {
                 Some(out) => out,
@@ -75,6 +83,35 @@ fn inspect(file: &Path) -> Result<()> {
         }
         bail!("{}: not a usable VGG-19 ({} problem(s))", file.display(), report.problems.len())
     }
+}
+
+/// Keeps the `features.*` convolution tensors of a PyTorch state dict, as f32 safetensors.
+fn convert(input: &Path, out: &Path) -> Result<()> {
+    let tensors = candle_core::pickle::read_all(input)
+        .with_context(|| format!("{}: not a PyTorch state dict (.pth zip archive)", input.display()))?;
+    let mut kept = std::collections::HashMap::new();
+    for (name, tensor) in tensors {
+        if name.starts_with("features.") {
+            kept.insert(name, tensor.to_dtype(candle_core::DType::F32)?);
+        }
+    }
+    if kept.is_empty() {
+        bail!("{}: no `features.N.weight` tensors; is this a torchvision VGG-19?", input.display());
+    }
+    let part = easel_engine::image_io::temp_path_for(out);
+    let result = candle_core::safetensors::save(&kept, &part).map_err(anyhow::Error::from).and_then(|()| {
+        let report = WeightsFile::open(&part)?.inspect();
+        if !report.problems.is_empty() {
+            bail!("{}: not a usable VGG-19: {}", input.display(), report.problems.join("; "));
+        }
+        std::fs::rename(&part, out).with_context(|| format!("{}: cannot write", out.display()))
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&part);
+    }
+    result?;
+    eprintln!("converted {} tensors from {} to {}", kept.len(), input.display(), out.display());
+    Ok(())
 }
 
 /// Downloads `url` to a temp name beside `out`, checks the hash and that it is a usable

@@ -1,0 +1,100 @@
+//! The hand-written input gradient of VGG-19 against candle's autograd through a plain
+//! reference forward pass, at odd sizes where pooling drops a row or column.
+
+use candle_core::{DType, Device, Tensor, Var};
+use easel_core::LayerId;
+use easel_vgg::{Pooling, Preprocess, Vgg19, WeightsFile, CONVS};
+
+/// 2x2 pooling from reshapes and reductions, whose autograd is exact. (candle 0.11's own
+/// pooling backward differs from PyTorch: max pooling scales the gradient by 1/4, and average
+/// pooling spreads gradient into the row and column that odd sizes drop.)
+fn pool(x: &Tensor, pooling: Pooling) -> Tensor {
+    let (b, c, h, w) = x.dims4().unwrap();
+    let (h2, w2) = (h / 2, w / 2);
+    let windows = x.narrow(2, 0, 2 * h2).unwrap().narrow(3, 0, 2 * w2).unwrap().reshape((b, c, h2, 2, w2, 2)).unwrap();
+    match pooling {
+        Pooling::Max => windows.max(5).unwrap().max(3).unwrap(),
+        Pooling::Avg => windows.mean(5).unwrap().mean(3).unwrap(),
+    }
+}
+
+/// VGG-19 up to `last` (a features index) in plain candle ops, so autograd can differentiate it.
+fn reference_forward(
+    weights: &WeightsFile,
+    x: &Tensor,
+    last: usize,
+    pooling: Pooling,
+    preprocess: Preprocess,
+    taps: &[usize],
+) -> Vec<Tensor> {
+    let dev = Device::Cpu;
+    let mut h = match preprocess {
+        Preprocess::Torchvision => {
+            let mean = Tensor::new(&[0.485f32, 0.456, 0.406], &dev).unwrap().reshape((1, 3, 1, 1)).unwrap();
+            let std = Tensor::new(&[0.229f32, 0.224, 0.225], &dev).unwrap().reshape((1, 3, 1, 1)).unwrap();
+            x.broadcast_sub(&mean).unwrap().broadcast_div(&std).unwrap()
+        }
+        Preprocess::Caffe => {
+            let bgr = x.index_select(&Tensor::new(&[2u32, 1, 0], &dev).unwrap(), 1).unwrap();
+            let mean = Tensor::new(&[103.939f32, 116.779, 123.68], &dev).unwrap().reshape((1, 3, 1, 1)).unwrap();
+            (bgr * 255.0).unwrap().broadcast_sub(&mean).unwrap()
+        }
+    };
+    let mut out = Vec::new();
+    for index in 0..=last {
+        h = if let Some(&(i, cin, cout)) = CONVS.iter().find(|c| c.0 == index) {
+            let w = Tensor::from_vec(weights.read_f32(&format!("features.{i}.weight")).unwrap(), (cout, cin, 3, 3), &dev)
+                .unwrap();
+            let b = Tensor::from_vec(weights.read_f32(&format!("features.{i}.bias")).unwrap(), (1, cout, 1, 1), &dev)
+                .unwrap();
+            h.conv2d(&w, 1, 1, 1, 1).unwrap().broadcast_add(&b).unwrap()
+        } else if [4, 9, 18, 27, 36].contains(&index) {
+            pool(&h, pooling)
+        } else {
+            h.relu().unwrap()
+        };
+        if taps.contains(&index) {
+            out.push(h.clone());
+        }
+    }
+    out
+}
+
+#[test]
+fn input_gradient_matches_autograd_at_odd_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.safetensors");
+    easel_vgg::synth::write(1, &path).unwrap();
+    let weights = WeightsFile::open(&path).unwrap();
+    let dev = Device::Cpu;
+    // 45 x 37: odd at several pooling stages (45 -> 22 -> 11 -> 5, 37 -> 18 -> 9 -> 4).
+    let x = Tensor::rand(0f32, 1f32, (1, 3, 37, 45), &dev).unwrap();
+    let taps = [LayerId::Relu1_1, LayerId::Pool1, LayerId::Conv3_1, LayerId::Relu4_2, LayerId::Relu5_1];
+    let indices: Vec<usize> = taps.iter().map(|t| t.features_index().unwrap()).collect();
+    for (pooling, preprocess) in [(Pooling::Max, Preprocess::Torchvision), (Pooling::Avg, Preprocess::Caffe)] {
+        let vgg = Vgg19::load(&weights, LayerId::Relu5_1, pooling, preprocess, &dev).unwrap();
+        let (features, trace) = vgg.forward_traced(&x, &taps).unwrap();
+        // d/dF of sum(F * R) is R: random upstream gradients at every tap, plus the pixels.
+        let upstream: Vec<(LayerId, Tensor)> = features
+            .iter()
+            .map(|(layer, f)| (layer, Tensor::rand(-1f32, 1f32, f.shape(), &dev).unwrap()))
+            .chain([(LayerId::Pixels, Tensor::rand(-1f32, 1f32, x.shape(), &dev).unwrap())])
+            .collect();
+        let ours = vgg.backward(&trace, &upstream).unwrap();
+
+        let var = Var::from_tensor(&x).unwrap();
+        let reference = reference_forward(&weights, var.as_tensor(), 30, pooling, preprocess, &indices);
+        let mut objective = (var.as_tensor() * &upstream.last().unwrap().1).unwrap().sum_all().unwrap();
+        for (f, (layer, r)) in reference.iter().zip(&upstream) {
+            assert_eq!(f.dims(), features.get(*layer).unwrap().dims(), "{layer} shape");
+            objective = (objective + (f * r).unwrap().sum_all().unwrap()).unwrap();
+        }
+        let grads = objective.backward().unwrap();
+        let expected = grads.get(var.as_tensor()).unwrap();
+
+        let diff = (&ours - expected).unwrap().to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap();
+        let norm = expected.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap();
+        let rel = (diff.to_scalar::<f64>().unwrap() / norm.to_scalar::<f64>().unwrap()).sqrt();
+        assert!(rel < 1e-5, "{pooling:?}/{preprocess:?}: relative L2 error {rel:.2e}");
+    }
+}
