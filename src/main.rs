@@ -45,6 +45,8 @@ enum Command {
     Config(commands::config::ConfigCommand),
     /// List the loss and optimiser plugins and their options.
     Plugins,
+    /// Run the drop-folder daemon on ROOT: photos dropped into ROOT/inbox/ become paintings in ROOT/out/.
+    Watch(commands::watch::WatchArgs),
 }
 
 fn init_logging(format: LogFormat, verbose: u8) {
@@ -77,6 +79,7 @@ fn main() -> ExitCode {
         Command::Weights(cmd) => commands::weights::weights(cmd),
         Command::Config(cmd) => commands::config::config(cmd, &registry),
         Command::Plugins => commands::config::plugins(&registry),
+        Command::Watch(args) => commands::watch::watch(args, &registry),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

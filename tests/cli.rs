@@ -457,7 +457,8 @@ fn weights_convert_reads_a_pytorch_state_dict() {
         .expect("python3 runs (it is part of the test toolchain)");
     assert!(made.status.success(), "{}", stderr(&made));
     let out_path = dir.path().join("vgg19.safetensors");
-    let out = easel().args(["weights", "convert"]).arg(&pth).arg("--out").arg(&out_path).output().expect("runs");
+    let out =
+        easel().args(["weights", "convert"]).arg(&pth).arg("--out").arg(&out_path).output().expect("runs");
     assert!(out.status.success(), "{}", stderr(&out));
     let original = easel_tensors(synth_weights());
     assert_eq!(easel_tensors(&out_path), original, "converted tensors equal the originals");
@@ -465,7 +466,8 @@ fn weights_convert_reads_a_pytorch_state_dict() {
     let not_pth = dir.path().join("notes.pth");
     std::fs::write(&not_pth, "not a zip").expect("write");
     let bad_out = dir.path().join("bad.safetensors");
-    let out = easel().args(["weights", "convert"]).arg(&not_pth).arg("--out").arg(&bad_out).output().expect("runs");
+    let out =
+        easel().args(["weights", "convert"]).arg(&not_pth).arg("--out").arg(&bad_out).output().expect("runs");
     assert!(!out.status.success());
     assert!(stderr(&out).contains("notes.pth: not a PyTorch state dict"), "{}", stderr(&out));
     assert!(!bad_out.exists());

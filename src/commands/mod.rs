@@ -4,6 +4,7 @@ pub mod bench;
 pub mod config;
 pub mod eval;
 pub mod run;
+pub mod watch;
 pub mod weights;
 
 use std::path::{Path, PathBuf};

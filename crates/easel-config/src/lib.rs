@@ -8,8 +8,8 @@ mod plan;
 
 pub use layers::{merge, ConfigLayers, DEFAULT_TOML};
 pub use plan::{
-    DeviceChoice, Init, Limits, ModelSettings, NamedOptimizer, OutputFormat, OutputSettings, Plan,
-    RunSettings, StyleSpec, WeightedLoss,
+    DaemonSettings, DeviceChoice, Init, Limits, ModelSettings, NamedOptimizer, OutputFormat, OutputSettings,
+    Plan, RunSettings, StyleSpec, WeightedLoss,
 };
 
 use easel_core::OptionError;

@@ -82,6 +82,38 @@ pub struct OutputSettings {
     pub jpeg_quality: u8,
 }
 
+/// `[daemon]`: how `easel watch` runs a drop folder. Read from the daemon's config; a job's
+/// sidecar may not set it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DaemonSettings {
+    /// A file without a rename or close-after-write event is taken once its size and mtime
+    /// have not changed for this long.
+    pub settle_ms: u64,
+    /// How long a complete image waits for its `NAME.toml` sidecar before it runs without one.
+    pub sidecar_wait_ms: u64,
+    /// Write a checkpoint every N iterations (0: only on shutdown).
+    pub checkpoint_every: u32,
+    /// Jobs run at once, each on its own thread.
+    pub workers: u32,
+    /// Rescan `inbox/` every N ms instead of using filesystem events (0: events). For NFS/SMB.
+    pub poll_ms: u64,
+    /// Move originals to `done/` after success (false: delete them).
+    pub keep_originals: bool,
+}
+
+impl Default for DaemonSettings {
+    fn default() -> Self {
+        Self {
+            settle_ms: 3000,
+            sidecar_wait_ms: 2000,
+            checkpoint_every: 20,
+            workers: 1,
+            poll_ms: 0,
+            keep_originals: true,
+        }
+    }
+}
+
 /// One `[[style]]` image and its blend weight.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StyleSpec {
@@ -111,6 +143,7 @@ pub struct Plan {
     pub styles: Vec<StyleSpec>,
     pub losses: Vec<WeightedLoss>,
     pub optimizer: NamedOptimizer,
+    pub daemon: DaemonSettings,
     /// The merged configuration this plan was made from (for provenance).
     pub merged: Table,
 }
@@ -168,6 +201,18 @@ fn model_settings(o: &mut Options<'_>) -> ModelSettings {
     }
 }
 
+fn daemon_settings(o: &mut Options<'_>) -> DaemonSettings {
+    let d = DaemonSettings::default();
+    DaemonSettings {
+        settle_ms: o.integer("settle_ms", d.settle_ms, 0, 86_400_000),
+        sidecar_wait_ms: o.integer("sidecar_wait_ms", d.sidecar_wait_ms, 0, 86_400_000),
+        checkpoint_every: o.integer("checkpoint_every", d.checkpoint_every as u64, 0, 1_000_000) as u32,
+        workers: o.integer("workers", d.workers as u64, 1, 256) as u32,
+        poll_ms: o.integer("poll_ms", d.poll_ms, 0, 86_400_000),
+        keep_originals: o.boolean("keep_originals", d.keep_originals),
+    }
+}
+
 fn section<T>(top: &mut Options<'_>, key: &str, read: impl FnOnce(&mut Options<'_>) -> T) -> T {
     let empty = Table::new();
     let table = top.table(key).unwrap_or(&empty);
@@ -206,6 +251,7 @@ impl Plan {
             ),
             jpeg_quality: o.integer("jpeg_quality", 92, 1, 100) as u8,
         });
+        let daemon = section(&mut top, "daemon", daemon_settings);
 
         let mut styles = Vec::new();
         for (i, table) in top.tables("style").unwrap_or_default().into_iter().enumerate() {
@@ -268,7 +314,7 @@ impl Plan {
         let errors = top.finish();
         match optimizer {
             Some(optimizer) if errors.is_empty() => {
-                Ok(Plan { run, model, limits, output, styles, losses, optimizer, merged })
+                Ok(Plan { run, model, limits, output, styles, losses, optimizer, daemon, merged })
             }
             _ => Err(errors),
         }

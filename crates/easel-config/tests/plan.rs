@@ -130,3 +130,17 @@ fn changing_a_plugin_type_replaces_its_table() {
     let plan = layers.plan(&registry()).expect("lbfgs's `history` must not leak into adam");
     assert_eq!(plan.optimizer.kind, "adam");
 }
+
+#[test]
+fn the_daemon_section_has_defaults_and_is_validated() {
+    let plan = ConfigLayers::defaults().plan(&registry()).expect("defaults are valid");
+    assert_eq!(plan.daemon, easel_config::DaemonSettings::default());
+    let layers = ConfigLayers::defaults()
+        .with_text("daemon.toml", "[daemon]\nsettle_ms = 500\nworkers = 2\nkeep_originals = false")
+        .unwrap();
+    let plan = layers.plan(&registry()).unwrap();
+    assert_eq!((plan.daemon.settle_ms, plan.daemon.workers, plan.daemon.keep_originals), (500, 2, false));
+    let errors = errors_of("[daemon]\nworkers = 0\nsettle = 5");
+    assert!(errors.iter().any(|e| e.starts_with("daemon.workers:")), "{errors:?}");
+    assert!(errors.iter().any(|e| e.starts_with("daemon.settle:")), "{errors:?}");
+}

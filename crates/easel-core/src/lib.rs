@@ -17,7 +17,7 @@ pub use toml;
 pub use error::CoreError;
 pub use features::{FeatureMaps, References, StyleReference};
 pub use layer::LayerId;
-pub use loss::{Loss, LossFactory};
+pub use loss::{LayerGrads, Loss, LossFactory};
 pub use optimizer::{Objective, Optimizer, OptimizerFactory, OptimizerState, Step};
 pub use options::{OptionError, OptionSpec, Options};
 pub use registry::Registry;

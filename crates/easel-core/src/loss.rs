@@ -4,12 +4,19 @@ use candle_core::Tensor;
 
 use crate::{CoreError, FeatureMaps, LayerId, OptionSpec, Options, References};
 
+/// A loss's gradient with respect to each layer it reads.
+pub type LayerGrads = Vec<(LayerId, Tensor)>;
+
 /// A differentiable term of the objective, computed from feature maps.
 ///
 /// The engine extracts the layers a loss names, calls [`Loss::prepare`] once per scale
 /// with the reference images' features, then [`Loss::evaluate`] once per evaluation. The
 /// returned scalar must be built from the given feature tensors with candle operations so
 /// that the engine can differentiate it; the engine applies the configured weight.
+///
+/// Features are f32; the returned scalar is f64, and sums over many elements should be taken
+/// in f64 (convert the differences before squaring): loss values and the Adam trajectory then
+/// match a float64 reference closely at little cost.
 pub trait Loss: Send {
     /// The layers this loss reads, `LayerId::Pixels` for the image itself.
     fn layers(&self) -> Vec<LayerId>;
@@ -17,8 +24,15 @@ pub trait Loss: Send {
     /// Builds the targets for the current scale from the reference features.
     fn prepare(&mut self, references: &References<'_>) -> Result<(), CoreError>;
 
-    /// The unweighted loss of `features` as a scalar (rank 0) f32 tensor.
+    /// The unweighted loss of `features` as a scalar (rank 0) f64 tensor.
     fn evaluate(&self, features: &FeatureMaps) -> Result<Tensor, CoreError>;
+
+    /// The unweighted loss and its gradient w.r.t. each layer it reads, for losses that have
+    /// them in closed form: cheaper and more precise than differentiating [`Loss::evaluate`].
+    /// `None` (the default) makes the engine use autograd.
+    fn value_and_grad(&self, _features: &FeatureMaps) -> Option<Result<(f64, LayerGrads), CoreError>> {
+        None
+    }
 }
 
 /// Builds a [`Loss`] from its TOML options; one per plugin, listed in the registry.

@@ -1,10 +1,12 @@
 //! One style-transfer job end to end: decode images, build targets, optimise, write the result.
 
+pub mod checkpoint;
 mod error;
 pub mod image_io;
 mod objective;
 mod run;
 
+pub use checkpoint::Checkpoint;
 pub use error::EngineError;
 pub use image_io::{load_image, save_image, RgbImage};
 pub use objective::{l2_norm, LossReport, StyleObjective};

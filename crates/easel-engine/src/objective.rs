@@ -24,10 +24,6 @@ pub struct LossReport {
     pub grad_l2: f64,
 }
 
-/// Losses are evaluated in f64: Gram matrices and sums over millions of features lose
-/// digits in f32, and their cost is small next to the convolutions, which stay in f32.
-pub const LOSS_DTYPE: DType = DType::F64;
-
 /// Every layer any of `losses` reads, in forward order.
 pub fn taps_of(losses: &[WeightedLoss]) -> Vec<LayerId> {
     let mut taps: Vec<LayerId> = losses.iter().flat_map(|l| l.loss.layers()).collect();
@@ -59,32 +55,45 @@ impl<'a> StyleObjective<'a> {
         trace: &Trace,
         terms: &[(&WeightedLoss, f64)],
     ) -> Result<(f64, Tensor), EngineError> {
-        // Each tap becomes a leaf variable so candle differentiates the losses only; the
-        // gradient then goes back through VGG-19 by the hand-written backward pass.
-        let mut vars = Vec::with_capacity(features.len());
-        let mut leaves = FeatureMaps::new();
-        for (layer, tensor) in features.iter() {
-            let var = Var::from_tensor(&tensor.to_dtype(LOSS_DTYPE)?)?;
-            leaves.insert(layer, var.as_tensor().clone());
-            vars.push((layer, var));
+        let mut value = 0.0;
+        let mut tap_grads: Vec<(LayerId, Tensor)> = Vec::new();
+        let mut autograd_terms = Vec::new();
+        for &(loss, scale) in terms {
+            match loss.loss.value_and_grad(features) {
+                Some(result) => {
+                    let (v, grads) = result?;
+                    value += scale * v;
+                    for (layer, g) in grads {
+                        tap_grads.push((layer, (g * scale)?));
+                    }
+                }
+                None => autograd_terms.push((loss, scale)),
+            }
         }
-        let mut total: Option<Tensor> = None;
-        for (loss, scale) in terms {
-            let term = (loss.loss.evaluate(&leaves)? * *scale)?;
-            total = Some(match total {
-                Some(t) => (t + term)?,
-                None => term,
-            });
+        if !autograd_terms.is_empty() {
+            // The taps these losses read become leaf variables so candle differentiates the
+            // losses only; the gradient then goes back through VGG-19 by the hand-written pass.
+            let mut vars = Vec::new();
+            let mut leaves = FeatureMaps::new();
+            let wanted: Vec<LayerId> = autograd_terms.iter().flat_map(|(l, _)| l.loss.layers()).collect();
+            for (layer, tensor) in features.iter().filter(|(l, _)| wanted.contains(l)) {
+                let var = Var::from_tensor(tensor)?;
+                leaves.insert(layer, var.as_tensor().clone());
+                vars.push((layer, var));
+            }
+            let mut total = Tensor::zeros((), DType::F64, self.vgg.device())?;
+            for (loss, scale) in autograd_terms {
+                total = (total + (loss.loss.evaluate(&leaves)? * scale)?)?;
+            }
+            let grads = total.backward()?;
+            value += total.to_scalar::<f64>()?;
+            for (layer, var) in &vars {
+                if let Some(g) = grads.get(var.as_tensor()) {
+                    tap_grads.push((*layer, g.clone()));
+                }
+            }
         }
-        let total = total.ok_or_else(|| EngineError::Checkpoint("no loss configured".into()))?;
-        let grads = total.backward()?;
-        let tap_grads = vars
-            .iter()
-            .filter_map(|(layer, var)| Some((*layer, grads.get(var.as_tensor())?.to_dtype(DType::F32))))
-            .map(|(layer, g)| Ok((layer, g?)))
-            .collect::<Result<Vec<_>, candle_core::Error>>()?;
         let grad = self.vgg.backward(trace, &tap_grads)?;
-        let value = total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         Ok((value, grad))
     }
 

@@ -2,11 +2,12 @@
 
 use candle_core::Tensor;
 use easel_config::{Init, Plan};
-use easel_core::{FeatureMaps, References, StyleReference};
+use easel_core::{References, StyleReference};
 use easel_vgg::Vgg19;
 
+use crate::checkpoint::Checkpoint;
 use crate::image_io::{self, from_tensor, resize_exact, resize_longest, to_tensor, RgbImage};
-use crate::objective::{taps_of, StyleObjective, LOSS_DTYPE};
+use crate::objective::{taps_of, StyleObjective};
 use crate::EngineError;
 
 /// Where a run stands after an iteration.
@@ -45,14 +46,6 @@ pub struct StyleRun {
     finished: bool,
 }
 
-fn in_loss_dtype(features: FeatureMaps) -> Result<FeatureMaps, EngineError> {
-    let mut out = FeatureMaps::new();
-    for (layer, t) in features.iter() {
-        out.insert(layer, t.to_dtype(LOSS_DTYPE)?);
-    }
-    Ok(out)
-}
-
 /// Uniform noise in [0, 1], the same for a seed on every platform and device.
 fn noise(seed: u64, width: u32, height: u32) -> RgbImage {
     let mut state = seed ^ 0x6A09_E667_F3BC_C908;
@@ -77,11 +70,22 @@ impl StyleRun {
         content: RgbImage,
         styles: Vec<(RgbImage, f64)>,
     ) -> Result<Self, EngineError> {
+        let mut run = Self::unstarted(plan, vgg, content, styles)?;
+        run.enter_scale(0, None)?;
+        Ok(run)
+    }
+
+    fn unstarted(
+        plan: Plan,
+        vgg: Vgg19,
+        content: RgbImage,
+        styles: Vec<(RgbImage, f64)>,
+    ) -> Result<Self, EngineError> {
         let sizes = plan.run.scale_sizes();
         let placeholder = Tensor::zeros((1, 3, 1, 1), candle_core::DType::F32, vgg.device())?;
         let total_weight: f64 = styles.iter().map(|(_, w)| w).sum();
         let styles = styles.into_iter().map(|(img, w)| (img, w / total_weight)).collect();
-        let mut run = Self {
+        Ok(Self {
             plan,
             vgg,
             content,
@@ -92,9 +96,74 @@ impl StyleRun {
             done: 0,
             x: placeholder,
             finished: false,
-        };
-        run.enter_scale(0, None)?;
+        })
+    }
+
+    /// Continues a run from `checkpoint`, taken by [`StyleRun::checkpoint`] of a run with the
+    /// same plan and images. The scale's targets are rebuilt exactly as the interrupted run built
+    /// them, then the image and the optimiser's state are put back bit for bit, so the rest of
+    /// the run is the same as if it had never stopped.
+    pub fn resume(
+        plan: Plan,
+        vgg: Vgg19,
+        content: RgbImage,
+        styles: Vec<(RgbImage, f64)>,
+        checkpoint: Checkpoint,
+    ) -> Result<Self, EngineError> {
+        let mut run = Self::unstarted(plan, vgg, content, styles)?;
+        let bad = |reason: String| Err(EngineError::Checkpoint(reason));
+        if checkpoint.optimizer != run.plan.optimizer.kind {
+            return bad(format!(
+                "it was taken with optimizer \"{}\" but the plan uses \"{}\"",
+                checkpoint.optimizer, run.plan.optimizer.kind
+            ));
+        }
+        if checkpoint.scale >= run.sizes.len() || checkpoint.iteration > run.plan.run.iterations {
+            return bad(format!(
+                "it stands at scale {} iteration {}, beyond this plan's {} scale(s) of {} iterations",
+                checkpoint.scale,
+                checkpoint.iteration,
+                run.sizes.len(),
+                run.plan.run.iterations
+            ));
+        }
+        run.enter_scale(checkpoint.scale, None)?;
+        if checkpoint.image.dims() != run.x.dims() {
+            return bad(format!(
+                "its image has shape {:?} but this scale's is {:?}",
+                checkpoint.image.dims(),
+                run.x.dims()
+            ));
+        }
+        let device = run.vgg.device().clone();
+        run.x = checkpoint.image.to_device(&device)?;
+        let mut state = checkpoint.state;
+        for (_, t) in &mut state.tensors {
+            *t = t.to_device(&device)?;
+        }
+        run.plan.optimizer.optimizer.restore(&state)?;
+        run.iteration = checkpoint.iteration;
+        run.done = checkpoint.done;
+        run.finished = checkpoint.finished;
         Ok(run)
+    }
+
+    /// A snapshot from which [`StyleRun::resume`] continues exactly where this run stands.
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            scale: self.scale,
+            iteration: self.iteration,
+            done: self.done,
+            finished: self.finished,
+            optimizer: self.plan.optimizer.kind.to_string(),
+            image: self.x.clone(),
+            state: self.plan.optimizer.optimizer.state(),
+        }
+    }
+
+    /// Iterations done over all scales (those skipped by an early-converged scale included).
+    pub fn iterations_done(&self) -> u32 {
+        self.done
     }
 
     /// The plan this run follows.
@@ -113,11 +182,11 @@ impl StyleRun {
         let (w, h) = content.dimensions();
         let style_side = ((self.sizes[scale] as f64 * self.plan.run.style_scale).round() as u32).max(1);
         let taps = taps_of(&self.plan.losses);
-        let content_features = in_loss_dtype(self.vgg.forward(&to_tensor(&content, &device)?, &taps)?)?;
+        let content_features = self.vgg.forward(&to_tensor(&content, &device)?, &taps)?;
         let mut style_refs = Vec::with_capacity(self.styles.len());
         for (image, weight) in &self.styles {
             let resized = resize_longest(image, style_side);
-            let features = in_loss_dtype(self.vgg.forward(&to_tensor(&resized, &device)?, &taps)?)?;
+            let features = self.vgg.forward(&to_tensor(&resized, &device)?, &taps)?;
             style_refs.push(StyleReference { features, weight: *weight });
         }
         let references = References { content: &content_features, styles: &style_refs };

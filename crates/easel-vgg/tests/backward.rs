@@ -11,7 +11,8 @@ use easel_vgg::{Pooling, Preprocess, Vgg19, WeightsFile, CONVS};
 fn pool(x: &Tensor, pooling: Pooling) -> Tensor {
     let (b, c, h, w) = x.dims4().unwrap();
     let (h2, w2) = (h / 2, w / 2);
-    let windows = x.narrow(2, 0, 2 * h2).unwrap().narrow(3, 0, 2 * w2).unwrap().reshape((b, c, h2, 2, w2, 2)).unwrap();
+    let windows =
+        x.narrow(2, 0, 2 * h2).unwrap().narrow(3, 0, 2 * w2).unwrap().reshape((b, c, h2, 2, w2, 2)).unwrap();
     match pooling {
         Pooling::Max => windows.max(5).unwrap().max(3).unwrap(),
         Pooling::Avg => windows.mean(5).unwrap().mean(3).unwrap(),
@@ -36,17 +37,26 @@ fn reference_forward(
         }
         Preprocess::Caffe => {
             let bgr = x.index_select(&Tensor::new(&[2u32, 1, 0], &dev).unwrap(), 1).unwrap();
-            let mean = Tensor::new(&[103.939f32, 116.779, 123.68], &dev).unwrap().reshape((1, 3, 1, 1)).unwrap();
+            let mean =
+                Tensor::new(&[103.939f32, 116.779, 123.68], &dev).unwrap().reshape((1, 3, 1, 1)).unwrap();
             (bgr * 255.0).unwrap().broadcast_sub(&mean).unwrap()
         }
     };
     let mut out = Vec::new();
     for index in 0..=last {
         h = if let Some(&(i, cin, cout)) = CONVS.iter().find(|c| c.0 == index) {
-            let w = Tensor::from_vec(weights.read_f32(&format!("features.{i}.weight")).unwrap(), (cout, cin, 3, 3), &dev)
-                .unwrap();
-            let b = Tensor::from_vec(weights.read_f32(&format!("features.{i}.bias")).unwrap(), (1, cout, 1, 1), &dev)
-                .unwrap();
+            let w = Tensor::from_vec(
+                weights.read_f32(&format!("features.{i}.weight")).unwrap(),
+                (cout, cin, 3, 3),
+                &dev,
+            )
+            .unwrap();
+            let b = Tensor::from_vec(
+                weights.read_f32(&format!("features.{i}.bias")).unwrap(),
+                (1, cout, 1, 1),
+                &dev,
+            )
+            .unwrap();
             h.conv2d(&w, 1, 1, 1, 1).unwrap().broadcast_add(&b).unwrap()
         } else if [4, 9, 18, 27, 36].contains(&index) {
             pool(&h, pooling)
@@ -71,7 +81,8 @@ fn input_gradient_matches_autograd_at_odd_sizes() {
     let x = Tensor::rand(0f32, 1f32, (1, 3, 37, 45), &dev).unwrap();
     let taps = [LayerId::Relu1_1, LayerId::Pool1, LayerId::Conv3_1, LayerId::Relu4_2, LayerId::Relu5_1];
     let indices: Vec<usize> = taps.iter().map(|t| t.features_index().unwrap()).collect();
-    for (pooling, preprocess) in [(Pooling::Max, Preprocess::Torchvision), (Pooling::Avg, Preprocess::Caffe)] {
+    for (pooling, preprocess) in [(Pooling::Max, Preprocess::Torchvision), (Pooling::Avg, Preprocess::Caffe)]
+    {
         let vgg = Vgg19::load(&weights, LayerId::Relu5_1, pooling, preprocess, &dev).unwrap();
         let (features, trace) = vgg.forward_traced(&x, &taps).unwrap();
         // d/dF of sum(F * R) is R: random upstream gradients at every tap, plus the pixels.
@@ -92,7 +103,8 @@ fn input_gradient_matches_autograd_at_odd_sizes() {
         let grads = objective.backward().unwrap();
         let expected = grads.get(var.as_tensor()).unwrap();
 
-        let diff = (&ours - expected).unwrap().to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap();
+        let diff =
+            (&ours - expected).unwrap().to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap();
         let norm = expected.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap();
         let rel = (diff.to_scalar::<f64>().unwrap() / norm.to_scalar::<f64>().unwrap()).sqrt();
         assert!(rel < 1e-5, "{pooling:?}/{preprocess:?}: relative L2 error {rel:.2e}");

@@ -1,6 +1,6 @@
 //! Content loss (Gatys et al. 2015): half the squared distance to the content image's features.
 
-use easel_core::candle_core::{Tensor, D};
+use easel_core::candle_core::{DType, Tensor};
 use easel_core::{CoreError, FeatureMaps, LayerId, Loss, LossFactory, OptionSpec, Options, References};
 
 /// Builds [`ContentLoss`] from `type = "content"`.
@@ -68,7 +68,7 @@ impl Loss for ContentLoss {
         let mut total: Option<Tensor> = None;
         for (&layer, target) in self.layers.iter().zip(&self.targets) {
             let diff = (features.get(layer)? - target)?;
-            let term = (diff.sqr()?.flatten_all()?.sum(D::Minus1)? * 0.5)?;
+            let term = (diff.to_dtype(DType::F64)?.sqr()?.sum_all()? * 0.5)?;
             total = Some(match total {
                 Some(t) => (t + term)?,
                 None => term,
@@ -96,7 +96,7 @@ mod tests {
         let at = |x: &[f32]| -> Result<f64, CoreError> {
             let mut f = FeatureMaps::new();
             f.insert(LayerId::Relu4_2, Tensor::from_slice(x, (1, 2, 3, 4), &dev)?);
-            Ok(loss.evaluate(&f)?.to_scalar::<f32>()? as f64)
+            Ok(loss.evaluate(&f)?.to_scalar::<f64>()?)
         };
         let expected: f64 =
             x.iter().enumerate().map(|(i, v)| 0.5 * (*v as f64 - 0.1 * i as f64).powi(2)).sum();

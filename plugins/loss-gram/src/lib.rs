@@ -1,7 +1,9 @@
 //! Style loss (Gatys et al. 2015): distance between Gram matrices of features, over several layers.
 
-use easel_core::candle_core::Tensor;
-use easel_core::{CoreError, FeatureMaps, LayerId, Loss, LossFactory, OptionSpec, Options, References};
+use easel_core::candle_core::{DType, Tensor};
+use easel_core::{
+    CoreError, FeatureMaps, LayerGrads, LayerId, Loss, LossFactory, OptionSpec, Options, References,
+};
 
 /// Builds [`GramLoss`] from `type = "gram"`.
 pub struct GramFactory;
@@ -61,6 +63,25 @@ pub fn gram_matrix(features: &Tensor) -> Result<Tensor, CoreError> {
     Ok((f.matmul(&f.t()?)? / (h * w) as f64)?)
 }
 
+/// Columns of `F` converted to f64 at a time by [`gram_matrix_f64`]: bounds its extra memory.
+const GRAM_CHUNK: usize = 16384;
+
+/// `F F^T / M` accumulated in f64, converting `F` a block of columns at a time.
+///
+/// The loss compares `G` with a target `A` it approaches during the optimisation; in f32 the
+/// rounding of `G` would dominate `G - A` there, and with it the gradient.
+pub fn gram_matrix_f64(features: &Tensor) -> Result<Tensor, CoreError> {
+    let (_, n, h, w) = features.dims4()?;
+    let m = h * w;
+    let f = features.reshape((n, m))?;
+    let mut g = Tensor::zeros((n, n), DType::F64, features.device())?;
+    for start in (0..m).step_by(GRAM_CHUNK) {
+        let block = f.narrow(1, start, GRAM_CHUNK.min(m - start))?.to_dtype(DType::F64)?;
+        g = (g + block.matmul(&block.t()?)?)?;
+    }
+    Ok((g / m as f64)?)
+}
+
 /// `sum_l w_l E_l` with `E_l = sum (G_l - A_l)^2 / (4 N_l^2)`; `A_l` blends the style images.
 pub struct GramLoss {
     layers: Vec<LayerId>,
@@ -74,17 +95,16 @@ impl GramLoss {
         Self { layers, layer_weights, targets: Vec::new() }
     }
 
-    /// The unweighted `E_l` of each layer, for reports.
+    /// The unweighted `E_l` of each layer (f64 scalars), for reports.
     pub fn per_layer(&self, features: &FeatureMaps) -> Result<Vec<(LayerId, Tensor)>, CoreError> {
         self.check_prepared()?;
         self.layers
             .iter()
             .zip(&self.targets)
             .map(|(&layer, target)| {
-                let g = gram_matrix(features.get(layer)?)?;
+                let g = gram_matrix_f64(features.get(layer)?)?;
                 let n = g.dim(0)? as f64;
-                let e = ((g - target)?.sqr()?.sum_all()? / (4.0 * n * n))?;
-                Ok((layer, e))
+                Ok((layer, ((g - target)?.sqr()?.sum_all()? / (4.0 * n * n))?))
             })
             .collect()
     }
@@ -112,7 +132,7 @@ impl Loss for GramLoss {
         for &layer in &self.layers {
             let mut blend: Option<Tensor> = None;
             for style in references.styles {
-                let g = (gram_matrix(style.features.get(layer)?)? * (style.weight / total_weight))?;
+                let g = (gram_matrix_f64(style.features.get(layer)?)? * (style.weight / total_weight))?;
                 blend = Some(match blend {
                     Some(b) => (b + g)?,
                     None => g,
@@ -125,15 +145,35 @@ impl Loss for GramLoss {
     }
 
     fn evaluate(&self, features: &FeatureMaps) -> Result<Tensor, CoreError> {
-        let mut total: Option<Tensor> = None;
-        for ((_, e), &w) in self.per_layer(features)?.into_iter().zip(&self.layer_weights) {
-            let term = (e * w)?;
-            total = Some(match total {
-                Some(t) => (t + term)?,
-                None => term,
-            });
+        self.check_prepared()?;
+        let mut total = Tensor::zeros((), DType::F64, self.targets[0].device())?;
+        for ((&layer, target), &w) in self.layers.iter().zip(&self.targets).zip(&self.layer_weights) {
+            let g = gram_matrix(features.get(layer)?)?.to_dtype(DType::F64)?;
+            let n = g.dim(0)? as f64;
+            total = (total + ((g - target)?.sqr()?.sum_all()? * (w / (4.0 * n * n)))?)?;
         }
-        total.ok_or_else(|| CoreError::MissingReference("gram loss has no layers".into()))
+        Ok(total)
+    }
+
+    /// `dE_l/dF = (G - A) F / (N^2 M)`, with `G - A` formed in f64.
+    fn value_and_grad(&self, features: &FeatureMaps) -> Option<Result<(f64, LayerGrads), CoreError>> {
+        let run = || {
+            self.check_prepared()?;
+            let mut value = 0.0;
+            let mut grads = Vec::with_capacity(self.layers.len());
+            for ((&layer, target), &w) in self.layers.iter().zip(&self.targets).zip(&self.layer_weights) {
+                let f = features.get(layer)?;
+                let (_, n, h, wd) = f.dims4()?;
+                let diff = (gram_matrix_f64(f)? - target)?;
+                let n2 = (n * n) as f64;
+                value += w * diff.sqr()?.sum_all()?.to_scalar::<f64>()? / (4.0 * n2);
+                let scale = w / (n2 * (h * wd) as f64);
+                let grad = (diff.to_dtype(f.dtype())?.matmul(&f.reshape((n, h * wd))?)? * scale)?;
+                grads.push((layer, grad.reshape(f.shape())?));
+            }
+            Ok((value, grads))
+        };
+        Some(run())
     }
 }
 
@@ -190,7 +230,7 @@ mod tests {
             }
         }
         expected /= 4.0 * 4.0;
-        let got = loss.evaluate(&maps(layer, &x, (1, 2, 4, 4))?)?.to_scalar::<f32>()? as f64;
+        let got = loss.evaluate(&maps(layer, &x, (1, 2, 4, 4))?)?.to_scalar::<f64>()?;
         assert!((got - expected).abs() < 1e-5 * expected, "{got} vs {expected}");
         Ok(())
     }
@@ -211,7 +251,7 @@ mod tests {
         let at = |x1: &[f32], x2: &[f32]| -> Result<f64, CoreError> {
             let mut f = maps(layers[0], x1, (1, 3, 4, 4))?;
             f.insert(layers[1], Tensor::from_slice(x2, (1, 4, 2, 2), &Device::Cpu)?);
-            Ok(loss.evaluate(&f)?.to_scalar::<f32>()? as f64)
+            Ok(loss.evaluate(&f)?.to_scalar::<f64>()?)
         };
         let v1 = Var::from_tensor(&Tensor::from_slice(&x1, (1, 3, 4, 4), &Device::Cpu)?)?;
         let v2 = Var::from_tensor(&Tensor::from_slice(&x2, (1, 4, 2, 2), &Device::Cpu)?)?;
@@ -221,6 +261,16 @@ mod tests {
         let grads = loss.evaluate(&f)?.backward()?;
         let g1: Vec<f32> = grads.get(v1.as_tensor()).expect("gradient").flatten_all()?.to_vec1()?;
         let g2: Vec<f32> = grads.get(v2.as_tensor()).expect("gradient").flatten_all()?.to_vec1()?;
+        // The closed form agrees with autograd, in value and gradient.
+        let (value, closed) = loss.value_and_grad(&f).expect("gram has a closed form")?;
+        // `evaluate` forms G in f32 for autograd, the closed form in f64.
+        assert!((value - at(&x1, &x2)?).abs() < 1e-5 * value.abs());
+        for ((layer, g), autograd) in closed.iter().zip([&g1, &g2]) {
+            let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
+            for (a, b) in g.iter().zip(autograd.iter()) {
+                assert!((a - b).abs() <= 1e-5 * (1e-3 + b.abs()), "{layer}: closed form {a} vs autograd {b}");
+            }
+        }
         let h = 1e-2f32;
         for i in [0, 9, 30, 47] {
             let (mut up, mut down) = (x1.clone(), x1.clone());

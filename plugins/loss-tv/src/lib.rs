@@ -1,6 +1,6 @@
 //! Total-variation loss: squared differences of neighbouring pixels, for smoother results.
 
-use easel_core::candle_core::Tensor;
+use easel_core::candle_core::{DType, Tensor};
 use easel_core::{CoreError, FeatureMaps, LayerId, Loss, LossFactory, OptionSpec, Options, References};
 
 /// Builds [`TvLoss`] from `type = "tv"`.
@@ -39,14 +39,14 @@ impl Loss for TvLoss {
     fn evaluate(&self, features: &FeatureMaps) -> Result<Tensor, CoreError> {
         let p = features.get(LayerId::Pixels)?;
         let (_, _, h, w) = p.dims4()?;
-        let mut total = Tensor::zeros((), p.dtype(), p.device())?;
+        let mut total = Tensor::zeros((), DType::F64, p.device())?;
         if h > 1 {
             let dy = (p.narrow(2, 1, h - 1)? - p.narrow(2, 0, h - 1)?)?;
-            total = (total + dy.sqr()?.sum_all()?)?;
+            total = (total + dy.to_dtype(DType::F64)?.sqr()?.sum_all()?)?;
         }
         if w > 1 {
             let dx = (p.narrow(3, 1, w - 1)? - p.narrow(3, 0, w - 1)?)?;
-            total = (total + dx.sqr()?.sum_all()?)?;
+            total = (total + dx.to_dtype(DType::F64)?.sqr()?.sum_all()?)?;
         }
         Ok(total)
     }
@@ -66,9 +66,8 @@ mod tests {
     #[test]
     fn value_matches_definition_and_gradient_matches_finite_differences() -> Result<(), CoreError> {
         let x: Vec<f32> = (0..24).map(|i| ((i * 5) % 7) as f32 * 0.1).collect();
-        let at = |x: &[f32]| -> Result<f64, CoreError> {
-            Ok(TvLoss.evaluate(&image(x)?)?.to_scalar::<f32>()? as f64)
-        };
+        let at =
+            |x: &[f32]| -> Result<f64, CoreError> { Ok(TvLoss.evaluate(&image(x)?)?.to_scalar::<f64>()?) };
         let px = |c: usize, y: usize, x_: usize| x[c * 12 + y * 4 + x_] as f64;
         let mut expected = 0.0;
         for c in 0..2 {

@@ -1,0 +1,521 @@
+//! One claimed job on a worker: its plan, the engine run with checkpoints, and its result or failure.
+//!
+//! A job's end is decided first and recorded in `.outcome.json` (which files go where), then
+//! carried out with moves that never replace a file and are safe to repeat, so a crash at
+//! any point leaves a job that the next start finishes without running it again.
+
+use std::ffi::{OsStr, OsString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use easel_config::{ConfigLayers, DeviceChoice, OutputFormat, Plan};
+use easel_core::{LayerId, Registry};
+use easel_engine::checkpoint::write_atomically;
+use easel_engine::{load_image, save_image, Checkpoint, StyleRun};
+use easel_vgg::{Pooling, Preprocess, Vgg19, WeightsFile};
+use serde_json::{json, Value};
+
+use crate::claim::{remove_job_dir, ClaimedJob, OUTCOME};
+use crate::config::{sidecar_layer, DaemonConfig};
+use crate::folders::{any_exists, move_no_clobber, Moved, Root};
+use crate::journal::{crashed_attempts, record_attempts, MAX_CRASHES};
+use crate::names::{lossy, numbered, stem, with_extension};
+use crate::status::{JobEnd, StatusBoard};
+use crate::JobError;
+
+const PLAN: &str = ".plan.toml";
+const CHECKPOINT: &str = ".checkpoint.safetensors";
+const ERROR: &str = ".error.txt";
+const RESULT: &str = ".result";
+const PROVENANCE: &str = ".result.json";
+
+type VggKey = (LayerId, Pooling, Preprocess, DeviceChoice);
+
+/// What every worker shares: the root, the plugins, the weights (mapped once), the current
+/// daemon config, the stop flag and the status board.
+pub(crate) struct Shared<'r> {
+    pub root: Root,
+    pub registry: &'r Registry,
+    pub weights: WeightsFile,
+    pub config: Mutex<Arc<DaemonConfig>>,
+    pub stop: Arc<AtomicBool>,
+    pub board: StatusBoard,
+    /// Models already built from the weights, by depth and conventions; clones share tensors.
+    vggs: Mutex<Vec<(VggKey, Vgg19)>>,
+}
+
+impl<'r> Shared<'r> {
+    pub fn new(
+        root: Root,
+        registry: &'r Registry,
+        weights: WeightsFile,
+        config: DaemonConfig,
+        stop: Arc<AtomicBool>,
+        board: StatusBoard,
+    ) -> Self {
+        Self {
+            root,
+            registry,
+            weights,
+            config: Mutex::new(Arc::new(config)),
+            stop,
+            board,
+            vggs: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The daemon config as it is now; a job keeps the one it started with.
+    pub fn config(&self) -> Arc<DaemonConfig> {
+        Arc::clone(&self.config.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn vgg_for(&self, plan: &Plan) -> Result<Vgg19, JobError> {
+        let deepest = plan.losses.iter().flat_map(|l| l.loss.layers()).max().unwrap_or(LayerId::Pixels);
+        let key = (deepest, plan.model.pooling, plan.model.preprocess, plan.model.device);
+        let mut cache = self.vggs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, vgg)) = cache.iter().find(|(k, _)| *k == key) {
+            return Ok(vgg.clone());
+        }
+        let device = easel_engine::device(plan.model.device)?;
+        let vgg = Vgg19::load(&self.weights, deepest, plan.model.pooling, plan.model.preprocess, &device)?;
+        cache.push((key, vgg.clone()));
+        Ok(vgg)
+    }
+}
+
+/// The files a finished attempt left in the job folder.
+struct Finished {
+    extension: &'static str,
+    provenance_file: bool,
+}
+
+enum Attempt {
+    Finished(Finished),
+    Interrupted,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> JobError + '_ {
+    move |source| JobError::Io { path: path.to_path_buf(), source }
+}
+
+/// The job's plan: frozen in `.plan.toml` at its first start, so that a resumed job follows the
+/// plan its checkpoint was made with even if the daemon's config changed since.
+fn job_plan(shared: &Shared<'_>, job: &ClaimedJob, config: &DaemonConfig) -> Result<Plan, JobError> {
+    let frozen = job.dir.join(PLAN);
+    if frozen.exists() {
+        return Ok(ConfigLayers::defaults().with_file(&frozen)?.plan(shared.registry)?);
+    }
+    let mut layers = config.layers();
+    if let Some(sidecar) = &job.sidecar {
+        let table = sidecar_layer(&job.dir.join(sidecar), &shared.root).map_err(JobError::Sidecar)?;
+        layers = layers.with_table(&lossy(sidecar), table);
+    }
+    let plan = layers.plan(shared.registry)?;
+    if plan.styles.is_empty() {
+        return Err(JobError::NoStyle);
+    }
+    let text = toml::to_string(&plan.merged)
+        .map_err(|e| io(&frozen)(std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())))?;
+    write_atomically(&frozen, text.as_bytes()).map_err(io(&frozen))?;
+    Ok(plan)
+}
+
+/// Refuses a dropped symbolic link that leads out of the root (or nowhere).
+fn check_link(root: &Root, path: &Path, name: &OsStr) -> Result<(), JobError> {
+    let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    if is_link && !root.contains(path) {
+        let target = std::fs::read_link(path).map(|t| t.display().to_string()).unwrap_or_default();
+        return Err(JobError::LinkOutside { name: lossy(name), target });
+    }
+    Ok(())
+}
+
+struct Prepared {
+    plan: Plan,
+    vgg: Vgg19,
+    content: easel_engine::RgbImage,
+    styles: Vec<(easel_engine::RgbImage, f64)>,
+}
+
+fn prepare(
+    shared: &Shared<'_>,
+    job: &ClaimedJob,
+    image: &OsStr,
+    config: &DaemonConfig,
+) -> Result<Prepared, JobError> {
+    let plan = job_plan(shared, job, config)?;
+    let content_path = job.dir.join(image);
+    check_link(&shared.root, &content_path, image)?;
+    let content = load_image(&content_path, &plan.limits).map_err(|e| match e {
+        // The job folder is an implementation detail; the user knows the file by its name.
+        easel_engine::EngineError::Image { reason, .. } => {
+            JobError::Engine(easel_engine::EngineError::Image { path: PathBuf::from(image), reason })
+        }
+        other => JobError::Engine(other),
+    })?;
+    let mut styles = Vec::with_capacity(plan.styles.len());
+    for spec in &plan.styles {
+        styles.push((load_image(&spec.path, &plan.limits)?, spec.weight));
+    }
+    let vgg = shared.vgg_for(&plan)?;
+    Ok(Prepared { plan, vgg, content, styles })
+}
+
+fn provenance(
+    shared: &Shared<'_>,
+    job: &ClaimedJob,
+    image: &OsStr,
+    plan: &Plan,
+) -> Vec<(&'static str, String)> {
+    let version = env!("CARGO_PKG_VERSION");
+    vec![
+        ("Software", format!("easel {version}")),
+        ("easel:version", version.to_string()),
+        ("easel:source", lossy(image)),
+        ("easel:job", job.id.clone()),
+        ("easel:seed", plan.run.seed.to_string()),
+        ("easel:weights-sha256", shared.weights.sha256().to_string()),
+        ("easel:config", toml::to_string(&plan.merged).unwrap_or_default()),
+    ]
+}
+
+/// Runs (or resumes) the job to its end or to a stop; the result is left in the job folder.
+fn attempt(
+    shared: &Shared<'_>,
+    job: &ClaimedJob,
+    image: &OsStr,
+    config: &DaemonConfig,
+) -> Result<Attempt, JobError> {
+    let checkpoint_path = job.dir.join(CHECKPOINT);
+    let prepared = prepare(shared, job, image, config)?;
+    let mut run = match checkpoint_path.exists() {
+        false => StyleRun::new(prepared.plan, prepared.vgg, prepared.content, prepared.styles)?,
+        true => {
+            let resumed = Checkpoint::read(&checkpoint_path, prepared.vgg.device()).and_then(|checkpoint| {
+                StyleRun::resume(prepared.plan, prepared.vgg, prepared.content, prepared.styles, checkpoint)
+            });
+            match resumed {
+                Ok(run) => run,
+                Err(e) => {
+                    tracing::warn!(job = %job.id, error = %e, "checkpoint unusable; starting the job over");
+                    let _ = std::fs::remove_file(&checkpoint_path);
+                    let p = prepare(shared, job, image, config)?;
+                    StyleRun::new(p.plan, p.vgg, p.content, p.styles)?
+                }
+            }
+        }
+    };
+    let resumed_from = run.iterations_done();
+    shared.board.resumed(&job.id, resumed_from, run.total_iterations());
+    tracing::info!(
+        job = %job.id,
+        name = %lossy(image),
+        resumed_from,
+        total = run.total_iterations(),
+        "job started"
+    );
+    let every = run.plan().daemon.checkpoint_every;
+    let started = Instant::now();
+    let mut ran = 0u32;
+    loop {
+        if shared.stop.load(Ordering::SeqCst) {
+            match run.checkpoint().write(&checkpoint_path) {
+                Ok(()) => {
+                    tracing::info!(job = %job.id, iteration = run.iterations_done(), "stopping: checkpoint written")
+                }
+                // The previous checkpoint (if any) still holds; the job resumes from there.
+                Err(e) => tracing::error!(job = %job.id, error = %e, "stopping: cannot write checkpoint"),
+            }
+            return Ok(Attempt::Interrupted);
+        }
+        let Some(p) = run.step()? else { break };
+        ran += 1;
+        shared.board.progress(&job.id, &p);
+        tracing::debug!(job = %job.id, iteration = p.done, total = p.total, loss = p.loss, "iteration");
+        if every > 0 && p.done % every == 0 && !run.is_finished() {
+            // A full disk costs resumability, not the job.
+            match run.checkpoint().write(&checkpoint_path) {
+                Ok(()) => tracing::debug!(job = %job.id, iteration = p.done, "checkpoint written"),
+                Err(e) => tracing::warn!(job = %job.id, error = %e, "cannot write checkpoint"),
+            }
+        }
+    }
+    let plan = run.plan();
+    let format = plan.output.format;
+    let extension = format.extension();
+    let text = provenance(shared, job, image, plan);
+    let result = job.dir.join(format!("{RESULT}.{extension}"));
+    let chunks: Vec<(&str, String)> = text.iter().map(|(k, v)| (*k, v.clone())).collect();
+    save_image(&run.result()?, &result, format, plan.output.jpeg_quality, &chunks)?;
+    let provenance_file = format != OutputFormat::Png;
+    if provenance_file {
+        // JPEG has no text chunks easel writes; the provenance goes beside the result.
+        let map: serde_json::Map<String, Value> = text
+            .into_iter()
+            .map(|(k, v)| (k.trim_start_matches("easel:").to_string(), Value::String(v)))
+            .collect();
+        let path = job.dir.join(PROVENANCE);
+        write_atomically(&path, format!("{:#}\n", Value::Object(map)).as_bytes()).map_err(io(&path))?;
+    }
+    tracing::info!(
+        job = %job.id,
+        name = %lossy(image),
+        iterations = ran,
+        resumed_from,
+        seconds = started.elapsed().as_secs_f64(),
+        "job computed"
+    );
+    Ok(Attempt::Finished(Finished { extension, provenance_file }))
+}
+
+/// A file name as JSON: a string when it is UTF-8, else its bytes.
+fn name_json(name: &OsStr) -> Value {
+    match name.to_str() {
+        Some(s) => Value::String(s.to_string()),
+        #[cfg(unix)]
+        None => {
+            use std::os::unix::ffi::OsStrExt;
+            json!(name.as_bytes())
+        }
+        #[cfg(not(unix))]
+        None => Value::String(name.to_string_lossy().into_owned()),
+    }
+}
+
+fn name_from_json(value: &Value) -> Option<OsString> {
+    match value {
+        Value::String(s) => Some(OsString::from(s)),
+        #[cfg(unix)]
+        Value::Array(bytes) => {
+            use std::os::unix::ffi::OsStringExt;
+            let bytes: Option<Vec<u8>> =
+                bytes.iter().map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok())).collect();
+            Some(OsString::from_vec(bytes?))
+        }
+        _ => None,
+    }
+}
+
+/// Where a job's files go: `(file in the job folder, folder of the root, new name)`.
+#[derive(Debug)]
+struct Outcome {
+    done: bool,
+    moves: Vec<(OsString, &'static str, OsString)>,
+    deletes: Vec<OsString>,
+}
+
+impl Outcome {
+    fn to_json(&self) -> Value {
+        json!({
+            "kind": if self.done { "done" } else { "failed" },
+            "moves": self.moves.iter().map(|(s, d, n)| json!([name_json(s), d, name_json(n)])).collect::<Vec<_>>(),
+            "deletes": self.deletes.iter().map(|s| name_json(s)).collect::<Vec<_>>(),
+        })
+    }
+
+    fn from_json(v: &Value) -> Option<Outcome> {
+        let dir = |d: &Value| match d.as_str()? {
+            "out" => Some("out"),
+            "done" => Some("done"),
+            "failed" => Some("failed"),
+            _ => None,
+        };
+        let moves = v["moves"]
+            .as_array()?
+            .iter()
+            .map(|m| Some((name_from_json(&m[0])?, dir(&m[1])?, name_from_json(&m[2])?)))
+            .collect::<Option<Vec<_>>>()?;
+        let deletes = v["deletes"].as_array()?.iter().map(name_from_json).collect::<Option<Vec<_>>>()?;
+        Some(Outcome { done: v["kind"].as_str()? == "done", moves, deletes })
+    }
+
+    fn write(&self, job: &ClaimedJob) -> Result<(), JobError> {
+        let path = job.dir.join(OUTCOME);
+        write_atomically(&path, format!("{:#}\n", self.to_json()).as_bytes()).map_err(io(&path))
+    }
+}
+
+fn folder(root: &Root, name: &str) -> PathBuf {
+    root.path().join(name)
+}
+
+/// The first `n` for which every name `make(n)` is free in `dir`.
+fn free_number(dir: &Path, make: impl Fn(u32) -> Vec<OsString>) -> u32 {
+    (1..)
+        .find(|&n| !any_exists(dir, &make(n).iter().map(OsString::as_os_str).collect::<Vec<_>>()))
+        .unwrap_or(1)
+}
+
+fn success_outcome(shared: &Shared<'_>, job: &ClaimedJob, image: &OsStr, finished: &Finished) -> Outcome {
+    let result_name = with_extension(&stem(image), finished.extension);
+    let json_of = |name: &OsStr| {
+        let mut n = name.to_os_string();
+        n.push(".json");
+        n
+    };
+    let out = folder(&shared.root, "out");
+    let n = free_number(&out, |n| {
+        let name = numbered(&result_name, n);
+        vec![json_of(&name), name]
+    });
+    let output = numbered(&result_name, n);
+    let mut moves = vec![(OsString::from(format!("{RESULT}.{}", finished.extension)), "out", output.clone())];
+    if finished.provenance_file {
+        moves.push((OsString::from(PROVENANCE), "out", json_of(&output)));
+    }
+    let mut deletes = Vec::new();
+    let inputs: Vec<&OsString> =
+        std::iter::once(job.image.as_ref()).flatten().chain(job.sidecar.as_ref()).collect();
+    if shared.config().settings.keep_originals {
+        let done = folder(&shared.root, "done");
+        let n = free_number(&done, |n| inputs.iter().map(|i| numbered(i, n)).collect());
+        moves.extend(inputs.iter().map(|i| ((*i).clone(), "done", numbered(i, n))));
+    } else {
+        deletes.extend(inputs.into_iter().cloned());
+    }
+    Outcome { done: true, moves, deletes }
+}
+
+fn failure_outcome(shared: &Shared<'_>, job: &ClaimedJob) -> Outcome {
+    let error_of = |name: &OsStr| {
+        let mut n = name.to_os_string();
+        n.push(".error.txt");
+        n
+    };
+    let failed = folder(&shared.root, "failed");
+    let image = job.image.clone().unwrap_or_else(|| OsString::from(&job.id));
+    let n = free_number(&failed, |n| {
+        let mut names = vec![numbered(&image, n), error_of(&numbered(&image, n))];
+        names.extend(job.sidecar.iter().map(|s| numbered(s, n)));
+        names
+    });
+    let mut moves = Vec::new();
+    if job.image.is_some() {
+        moves.push((image.clone(), "failed", numbered(&image, n)));
+    }
+    moves.push((OsString::from(ERROR), "failed", error_of(&numbered(&image, n))));
+    moves.extend(job.sidecar.iter().map(|s| (s.clone(), "failed", numbered(s, n))));
+    Outcome { done: false, moves, deletes: Vec::new() }
+}
+
+/// Carries out a recorded outcome; safe to repeat after a crash at any point.
+fn carry_out(shared: &Shared<'_>, job: &ClaimedJob, mut outcome: Outcome) -> Result<JobEnd, JobError> {
+    for i in 0..outcome.moves.len() {
+        loop {
+            let (src, dir, name) = &outcome.moves[i];
+            let dir_path = folder(&shared.root, dir);
+            let dst = dir_path.join(name);
+            match move_no_clobber(&job.dir.join(src), &dst).map_err(io(&dst))? {
+                Moved::Done => break,
+                Moved::Taken => {
+                    // Another daemon took the name since it was chosen: take the next free one.
+                    let base = name.clone();
+                    let n = free_number(&dir_path, |n| vec![numbered(&base, n + 1)]);
+                    outcome.moves[i].2 = numbered(&base, n + 1);
+                    outcome.write(job)?;
+                }
+            }
+        }
+    }
+    for name in &outcome.deletes {
+        let path = job.dir.join(name);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&path)(e)),
+            _ => {}
+        }
+    }
+    remove_job_dir(job).map_err(io(&job.dir))?;
+    Ok(if outcome.done { JobEnd::Done } else { JobEnd::Failed })
+}
+
+fn output_of(outcome: &Outcome) -> String {
+    outcome.moves.first().map(|(_, d, n)| format!("{d}/{}", lossy(n))).unwrap_or_default()
+}
+
+fn succeed(
+    shared: &Shared<'_>,
+    job: &ClaimedJob,
+    image: &OsStr,
+    finished: &Finished,
+) -> Result<JobEnd, JobError> {
+    let outcome = success_outcome(shared, job, image, finished);
+    outcome.write(job)?;
+    let output = output_of(&outcome);
+    let end = carry_out(shared, job, outcome)?;
+    tracing::info!(job = %job.id, name = %lossy(image), output, "job done");
+    Ok(end)
+}
+
+fn fail(shared: &Shared<'_>, job: &ClaimedJob, error: &JobError) -> Result<JobEnd, JobError> {
+    let name = job.image.as_deref().map(lossy).unwrap_or_default();
+    let reason = error.to_string();
+    let headline = if reason.starts_with(&name) { reason.clone() } else { format!("{name}: {reason}") };
+    let text = format!(
+        "{headline}\n\n(job {}, easel {}; the original is beside this file)\n",
+        job.id,
+        env!("CARGO_PKG_VERSION")
+    );
+    let path = job.dir.join(ERROR);
+    write_atomically(&path, text.as_bytes()).map_err(io(&path))?;
+    let outcome = failure_outcome(shared, job);
+    outcome.write(job)?;
+    let end = carry_out(shared, job, outcome)?;
+    tracing::warn!(job = %job.id, name, reason, "job failed");
+    Ok(end)
+}
+
+fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Runs a claimed job to its end: its result in `out/`, a failure in `failed/`, or (on stop) a
+/// checkpoint in its folder. Never panics and never stops the daemon.
+pub(crate) fn process(shared: &Shared<'_>, job: ClaimedJob) -> JobEnd {
+    let ended = (|| -> Result<JobEnd, JobError> {
+        let recorded = std::fs::read_to_string(job.dir.join(OUTCOME)).ok();
+        if let Some(text) = recorded {
+            let outcome = serde_json::from_str(&text).ok().as_ref().and_then(Outcome::from_json);
+            return match outcome {
+                Some(outcome) => {
+                    tracing::info!(job = %job.id, "finishing a job decided before a restart");
+                    carry_out(shared, &job, outcome)
+                }
+                None => {
+                    let path = job.dir.join(OUTCOME);
+                    Err(io(&path)(std::io::Error::new(std::io::ErrorKind::InvalidData, "unreadable")))
+                }
+            };
+        }
+        let Some(image) = job.image.clone() else { return Ok(JobEnd::Stuck) };
+        let crashes = crashed_attempts(&job.dir);
+        if crashes >= MAX_CRASHES {
+            return fail(shared, &job, &JobError::Crashed(crashes));
+        }
+        let journal = job.dir.clone();
+        record_attempts(&journal, crashes + 1).map_err(io(&journal))?;
+        let config = shared.config();
+        match catch_unwind(AssertUnwindSafe(|| attempt(shared, &job, &image, &config))) {
+            Ok(Ok(Attempt::Finished(finished))) => succeed(shared, &job, &image, &finished),
+            Ok(Ok(Attempt::Interrupted)) => {
+                record_attempts(&journal, crashes).map_err(io(&journal))?;
+                Ok(JobEnd::Interrupted)
+            }
+            Ok(Err(e)) => fail(shared, &job, &e),
+            Err(panic) => fail(shared, &job, &JobError::Panic(panic_message(panic))),
+        }
+    })();
+    match ended {
+        Ok(end) => end,
+        Err(e) => {
+            tracing::error!(job = %job.id, error = %e, "job could not be finished; it stays in work/");
+            JobEnd::Stuck
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! `status.json`: the queue, the running jobs with progress and ETA, and counts, rewritten atomically.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+
+use easel_engine::checkpoint::write_atomically;
+
+/// A job being computed.
+#[derive(Debug, Clone)]
+struct Running {
+    name: String,
+    started: Instant,
+    /// Iterations done when this attempt began (from a checkpoint), and now.
+    resumed_from: u32,
+    done: u32,
+    total: u32,
+    scale: usize,
+    scales: usize,
+    loss: Option<f64>,
+}
+
+#[derive(Debug)]
+struct Board {
+    state: &'static str,
+    queue: Vec<(String, String)>,
+    running: BTreeMap<String, Running>,
+    inbox: usize,
+    done: u64,
+    failed: u64,
+    dirty: bool,
+    last_write: Option<Instant>,
+}
+
+/// The daemon's state as users and scripts see it in `ROOT/status.json`.
+#[derive(Debug)]
+pub struct StatusBoard {
+    path: PathBuf,
+    mode: String,
+    config: Option<PathBuf>,
+    board: Mutex<Board>,
+}
+
+/// How a job left a worker, for the counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobEnd {
+    /// Its result is in `out/`.
+    Done,
+    /// It is in `failed/` with its reason.
+    Failed,
+    /// Stopped by a shutdown; it stays in `work/` (with a checkpoint) for the next start.
+    Interrupted,
+    /// Could not be finished or failed (e.g. the disk is full); left in `work/`.
+    Stuck,
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+impl StatusBoard {
+    /// A board written to `path`; `mode` says how the inbox is watched.
+    pub fn new(path: PathBuf, mode: String, config: Option<PathBuf>) -> Self {
+        Self {
+            path,
+            mode,
+            config,
+            board: Mutex::new(Board {
+                state: "starting",
+                queue: Vec::new(),
+                running: BTreeMap::new(),
+                inbox: 0,
+                done: 0,
+                failed: 0,
+                dirty: true,
+                last_write: None,
+            }),
+        }
+    }
+
+    fn board(&self) -> MutexGuard<'_, Board> {
+        // The board holds plain data; a panic elsewhere while it was held leaves it usable.
+        let mut board = self.board.lock().unwrap_or_else(|e| e.into_inner());
+        board.dirty = true;
+        board
+    }
+
+    /// `running`, `stopping`, `stopped`.
+    pub fn set_state(&self, state: &'static str) {
+        self.board().state = state;
+    }
+
+    /// Images waiting in `inbox/`.
+    pub fn set_inbox(&self, pending: usize) {
+        let mut board = self.board.lock().unwrap_or_else(|e| e.into_inner());
+        if board.inbox != pending {
+            board.inbox = pending;
+            board.dirty = true;
+        }
+    }
+
+    /// A claimed job waits for a worker.
+    pub fn queued(&self, id: &str, name: &str) {
+        self.board().queue.push((id.to_string(), name.to_string()));
+    }
+
+    /// A worker took the job (it leaves the queue).
+    pub fn started(&self, id: &str, name: &str) {
+        let mut board = self.board();
+        board.queue.retain(|(q, _)| q != id);
+        board.running.insert(
+            id.to_string(),
+            Running {
+                name: name.to_string(),
+                started: Instant::now(),
+                resumed_from: 0,
+                done: 0,
+                total: 0,
+                scale: 0,
+                scales: 0,
+                loss: None,
+            },
+        );
+    }
+
+    /// The job resumed from a checkpoint at `done` iterations of `total`.
+    pub fn resumed(&self, id: &str, done: u32, total: u32) {
+        if let Some(r) = self.board().running.get_mut(id) {
+            r.resumed_from = done;
+            r.done = done;
+            r.total = total;
+            r.started = Instant::now();
+        }
+    }
+
+    /// Progress of a running job after an iteration.
+    pub fn progress(&self, id: &str, p: &easel_engine::Progress) {
+        if let Some(r) = self.board().running.get_mut(id) {
+            r.done = p.done;
+            r.total = p.total;
+            r.scale = p.scale;
+            r.scales = p.scales;
+            r.loss = Some(p.loss);
+        }
+    }
+
+    /// The job left its worker (or the queue) and how.
+    pub fn finished(&self, id: &str, end: JobEnd) {
+        let mut board = self.board();
+        board.queue.retain(|(q, _)| q != id);
+        board.running.remove(id);
+        match end {
+            JobEnd::Done => board.done += 1,
+            JobEnd::Failed => board.failed += 1,
+            JobEnd::Interrupted | JobEnd::Stuck => {}
+        }
+    }
+
+    /// (done, failed) since the daemon started.
+    pub fn counts(&self) -> (u64, u64) {
+        let board = self.board.lock().unwrap_or_else(|e| e.into_inner());
+        (board.done, board.failed)
+    }
+
+    /// The status as JSON.
+    pub fn to_json(&self) -> Value {
+        let board = self.board.lock().unwrap_or_else(|e| e.into_inner());
+        let running: Vec<Value> = board
+            .running
+            .iter()
+            .map(|(id, r)| {
+                let elapsed = r.started.elapsed().as_secs_f64();
+                let ran = r.done.saturating_sub(r.resumed_from);
+                let eta = (ran > 0).then(|| elapsed / ran as f64 * r.total.saturating_sub(r.done) as f64);
+                json!({
+                    "job": id,
+                    "name": r.name,
+                    "iteration": r.done,
+                    "total": r.total,
+                    "progress": if r.total > 0 { r.done as f64 / r.total as f64 } else { 0.0 },
+                    "scale": r.scale + 1,
+                    "scales": r.scales,
+                    "loss": r.loss,
+                    "resumed_from": r.resumed_from,
+                    "elapsed_s": elapsed,
+                    "eta_s": eta,
+                })
+            })
+            .collect();
+        json!({
+            "pid": std::process::id(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "state": board.state,
+            "mode": self.mode,
+            "config": self.config.as_ref().map(|p| p.display().to_string()),
+            "updated_unix": unix_now(),
+            "inbox": board.inbox,
+            "queue": board.queue.iter().map(|(id, name)| json!({"job": id, "name": name})).collect::<Vec<_>>(),
+            "running": running,
+            "counts": {"done": board.done, "failed": board.failed},
+        })
+    }
+
+    /// Rewrites `status.json` if something changed and the last write is `min_interval` old.
+    pub fn write_if_due(&self, min_interval: Duration) {
+        {
+            let board = self.board.lock().unwrap_or_else(|e| e.into_inner());
+            let running = !board.running.is_empty();
+            let due = board.last_write.is_none_or(|t| t.elapsed() >= min_interval);
+            if !due || !(board.dirty || running) {
+                return;
+            }
+        }
+        self.write_now();
+    }
+
+    /// Rewrites `status.json` now.
+    pub fn write_now(&self) {
+        let text = format!("{:#}\n", self.to_json());
+        if let Err(e) = write_atomically(&self.path, text.as_bytes()) {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot write status");
+        }
+        let mut board = self.board.lock().unwrap_or_else(|e| e.into_inner());
+        board.dirty = false;
+        board.last_write = Some(Instant::now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_running_and_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let board = StatusBoard::new(dir.path().join("status.json"), "events".into(), None);
+        board.queued("1", "a.jpg");
+        board.queued("2", "b.jpg");
+        board.started("1", "a.jpg");
+        board.finished("1", JobEnd::Done);
+        board.started("2", "b.jpg");
+        board.write_now();
+        let v: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("status.json")).unwrap()).unwrap();
+        assert_eq!(v["queue"].as_array().unwrap().len(), 0);
+        assert_eq!(v["running"][0]["name"], "b.jpg");
+        assert_eq!(v["counts"]["done"], 1);
+        assert_eq!(v["counts"]["failed"], 0);
+    }
+}

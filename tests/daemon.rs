@@ -1,0 +1,367 @@
+//! End-to-end tests of `easel watch`: the real binary on temp drop folders, synthetic weights,
+//! tiny images, real filesystem events and real signals.
+
+mod daemon_support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use daemon_support::*;
+
+const LONG: Duration = Duration::from_secs(180);
+
+/// Counts `job started` events per job name.
+fn starts_by_name(events: &[serde_json::Value]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for f in with_message(events, "job started") {
+        *counts.entry(f["name"].as_str().unwrap_or_default().to_string()).or_insert(0) += 1;
+    }
+    counts
+}
+
+fn weights_sha256() -> String {
+    use sha2::Digest;
+    format!("{:x}", sha2::Sha256::digest(std::fs::read(weights()).unwrap()))
+}
+
+#[test]
+fn twenty_drops_are_each_processed_exactly_once() {
+    let root = TestRoot::new(&config_text(3, "sidecar_wait_ms = 1000"));
+    std::fs::copy(data("content.png"), root.path("styles/other style.png")).unwrap();
+    let mut daemon = root.start(&[]);
+    let png = |i: u32| png_bytes(40, 30, i);
+    std::thread::scope(|s| {
+        // Written slowly, the file open between chunks (pauses well under settle_ms).
+        for i in 0..5 {
+            let root = &root;
+            s.spawn(move || {
+                root.drop_slowly(&format!("slow {i}.png"), &png(i), 4, Duration::from_millis(80))
+            });
+        }
+        for i in 5..10 {
+            root.drop_renamed(&format!("renamed-{i}.png"), &png(i));
+        }
+        for i in 10..14 {
+            root.drop_file(&format!("plain_{i}.png"), &png(i));
+        }
+        // Sidecars: before the image, after it, and with each kind of override.
+        root.drop_file("side-a.toml", b"[run]\niterations = 2\n");
+        root.drop_file("side-a.png", &png(14));
+        root.drop_file("side-b.toml", b"[output]\nformat = \"jpeg\"\n");
+        root.drop_renamed("side-b.png", &png(15));
+        root.drop_file("side-c.png", &png(16));
+        std::thread::sleep(Duration::from_millis(150));
+        root.drop_file("side-c.toml", b"[run]\nsize = 48\n");
+        root.drop_file(
+            "side-d.toml",
+            b"[[style]]\npath = \"other style.png\"\n[optimizer]\ntype = \"lbfgs\"\n",
+        );
+        root.drop_file("side-d.png", &png(17));
+        root.drop_renamed("side-e.toml", b"[run]\ninit = \"noise\"\nseed = 7\n");
+        root.drop_renamed("side-e.png", &png(18));
+        root.drop_file("side-f.png", &png(19));
+        root.drop_file("side-f.toml", b"[[loss]]\ntype = \"gram\"\nweight = 1e6\n");
+    });
+    daemon.until(LONG, "20 originals in done/", || {
+        root.files("done").iter().filter(|n| n.ends_with(".png")).count() == 20
+    });
+    daemon.until(LONG, "work/ to empty", || root.work_dirs().is_empty());
+    daemon.signal("TERM");
+    assert!(daemon.wait(Duration::from_secs(10)).success());
+
+    let events = daemon.events();
+    let starts = starts_by_name(&events);
+    assert_eq!(starts.len(), 20, "{starts:?}");
+    assert!(starts.values().all(|&n| n == 1), "a job ran twice: {starts:?}");
+    assert_eq!(with_message(&events, "job done").len(), 20);
+    assert!(root.files("failed").is_empty(), "{:?}", root.files("failed"));
+    assert!(root.files("inbox").is_empty(), "{:?}", root.files("inbox"));
+    let done = root.files("done");
+    for sidecar in ["side-a.toml", "side-b.toml", "side-c.toml", "side-d.toml", "side-e.toml", "side-f.toml"]
+    {
+        assert!(done.contains(&sidecar.to_string()), "{sidecar} moved with its image: {done:?}");
+    }
+
+    let sha = weights_sha256();
+    let out = root.files("out");
+    assert_eq!(out.len(), 21, "20 results and one JPEG provenance file: {out:?}");
+    for name in done.iter().filter(|n| n.ends_with(".png")) {
+        let stem = name.trim_end_matches(".png");
+        let (result, size) = match stem {
+            "side-b" => (format!("{stem}.jpg"), 32),
+            "side-c" => (format!("{stem}.png"), 48),
+            _ => (format!("{stem}.png"), 32),
+        };
+        let path = root.path("out").join(&result);
+        let (w, h, _) = pixels(&path);
+        assert_eq!((w, h), (size, size * 3 / 4), "{result}");
+        let bytes = std::fs::read(&path).unwrap();
+        if result.ends_with(".png") {
+            let text = String::from_utf8_lossy(&bytes);
+            assert!(
+                text.contains("easel:weights-sha256") && text.contains(&sha),
+                "{result} lacks provenance"
+            );
+        }
+    }
+    let provenance: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.path("out/side-b.jpg.json")).unwrap()).unwrap();
+    assert_eq!(provenance["weights-sha256"], sha.as_str());
+    assert!(provenance["config"].as_str().unwrap().contains("format = \"jpeg\""));
+    let side_a =
+        with_message(&events, "job started").into_iter().find(|f| f["name"] == "side-a.png").unwrap();
+    assert_eq!(side_a["total"], 2, "the sidecar that came first was applied");
+}
+
+#[test]
+fn bad_drops_fail_with_a_reason_while_the_others_succeed() {
+    let root = TestRoot::new(&config_text(2, ""));
+    let good = png_bytes(40, 30, 1);
+    root.drop_file("good one.png", &good);
+    root.drop_file("truncated.png", &good[..good.len() / 2]);
+    root.drop_file("text.jpg", b"this is not a JPEG\n");
+    root.drop_file("unknown-key.toml", b"[run]\nsizee = 64\n");
+    root.drop_file("unknown-key.png", &good);
+    root.drop_file("missing-style.toml", b"[[style]]\npath = \"nope.png\"\n");
+    root.drop_file("missing-style.png", &good);
+    root.drop_file("escape.toml", b"[[style]]\npath = \"../styles/../inbox/x.png\"\n");
+    root.drop_file("escape.png", &good);
+    root.drop_file("absolute.toml", b"[[style]]\npath = \"/etc/passwd\"\n");
+    root.drop_file("absolute.png", &good);
+    root.drop_file("limits.toml", b"[limits]\nmax_pixels = 1\n[model]\nweights = \"/tmp/x\"\n");
+    root.drop_file("limits.png", &good);
+    let outside = root.logs.join("outside.png");
+    std::fs::write(&outside, &good).unwrap();
+    std::os::unix::fs::symlink(&outside, root.inbox("link.png")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", root.inbox("etc-link.jpg")).unwrap();
+    root.drop_file("good two.png", &png_bytes(30, 40, 2));
+
+    let (status, events) = root.run_once(&[]);
+    assert!(status.success());
+    assert_eq!(root.files("out"), ["good one.png", "good two.png"]);
+    let reason = |name: &str| {
+        let path = root.path("failed").join(format!("{name}.error.txt"));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|_| panic!("no {}", path.display()));
+        assert!(root.path("failed").join(name).symlink_metadata().is_ok(), "{name} is kept in failed/");
+        text
+    };
+    let expect = |name: &str, needles: &[&str]| {
+        let text = reason(name);
+        for needle in needles {
+            assert!(text.contains(needle), "{name}: expected \"{needle}\" in:\n{text}");
+        }
+    };
+    expect("truncated.png", &["truncated.png", "decode"]);
+    expect("text.jpg", &["text.jpg", "decode"]);
+    expect("unknown-key.png", &["run.sizee", "unknown"]);
+    expect("missing-style.png", &["nope.png", "not found"]);
+    expect("escape.png", &["inside styles/", ".."]);
+    expect("absolute.png", &["/etc/passwd", "inside styles/"]);
+    expect("limits.png", &["limits", "model.weights", "daemon's config"]);
+    expect("link.png", &["symbolic link", "outside"]);
+    expect("etc-link.jpg", &["symbolic link", "outside"]);
+    let failed = root.files("failed");
+    for sidecar in ["unknown-key.toml", "missing-style.toml", "escape.toml", "absolute.toml", "limits.toml"] {
+        assert!(failed.contains(&sidecar.to_string()), "{sidecar} went with its image: {failed:?}");
+    }
+    assert_eq!(std::fs::read(&outside).unwrap(), good, "the link's target is untouched");
+    assert!(root.files("inbox").is_empty() && root.work_dirs().is_empty());
+    assert_eq!(with_message(&events, "job failed").len(), 9);
+}
+
+#[test]
+fn kill_9_resumes_from_the_checkpoint_bit_identically_with_adam() {
+    let config = config_text(40, "");
+    // What an uninterrupted run makes.
+    let reference = TestRoot::new(&config);
+    reference.drop_file("photo.png", &png_bytes(40, 32, 9));
+    assert!(reference.run_once(&[]).0.success());
+    let expected = pixels(&reference.path("out/photo.png"));
+
+    let root = TestRoot::new(&config);
+    let mut daemon = root.start(&[]);
+    root.drop_renamed("photo.png", &png_bytes(40, 32, 9));
+    daemon.until(LONG, "a checkpoint at iteration 6 or later", || {
+        job_checkpoint(&root).is_some_and(|(_, d)| d >= 6)
+    });
+    daemon.signal("KILL");
+    assert!(!daemon.wait(Duration::from_secs(10)).success());
+    let (job_dir, at) = job_checkpoint(&root).expect("the checkpoint survives");
+    assert!(at < 40, "killed mid-job");
+    assert_eq!(std::fs::read_to_string(job_dir.join(".attempts")).unwrap().trim(), "1");
+    assert!(root.files("out").is_empty());
+
+    let (status, events) = root.run_once(&[]);
+    assert!(status.success());
+    let started = with_message(&events, "job started");
+    assert_eq!(started.len(), 1);
+    assert_eq!(started[0]["resumed_from"], at, "the iteration count continues from the checkpoint");
+    assert_eq!(with_message(&events, "job computed")[0]["iterations"], 40 - at);
+    assert_eq!(root.files("out"), ["photo.png"]);
+    assert_eq!(root.files("done"), ["photo.png"]);
+    assert!(root.files("inbox").is_empty() && root.work_dirs().is_empty() && root.files("failed").is_empty());
+    assert!(
+        pixels(&root.path("out/photo.png")) == expected,
+        "resumed result differs from an uninterrupted run"
+    );
+}
+
+#[test]
+fn sigterm_checkpoints_and_exits_0_within_5_s_and_the_job_resumes() {
+    let root = TestRoot::new(&config_text(400, "checkpoint_every = 0"));
+    let mut daemon = root.start(&[]);
+    root.drop_file("long job.png", &png_bytes(40, 30, 3));
+    daemon.until(LONG, "the job to be a few iterations in", || {
+        root.status().is_some_and(|s| s["running"][0]["iteration"].as_u64().is_some_and(|i| i >= 3))
+    });
+    assert!(job_checkpoint(&root).is_none(), "checkpoint_every = 0: none before the stop");
+    let asked = Instant::now();
+    daemon.signal("TERM");
+    let status = daemon.wait(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}");
+    assert!(asked.elapsed() < Duration::from_secs(5), "took {:?}", asked.elapsed());
+    let (job_dir, at) = job_checkpoint(&root).expect("a checkpoint is written on SIGTERM");
+    assert!(at >= 3);
+    assert_eq!(
+        std::fs::read_to_string(job_dir.join(".attempts")).unwrap().trim(),
+        "0",
+        "a clean stop is no crash"
+    );
+    assert_eq!(root.status().unwrap()["state"], "stopped");
+
+    // Resume it, and stop again at once: the count only grows.
+    let mut again = root.start(&[]);
+    wait_until(LONG, "the job to resume", || with_message(&again.events(), "job started").len() == 1);
+    let resumed = with_message(&again.events(), "job started")[0]["resumed_from"].as_u64().unwrap();
+    assert_eq!(resumed, at);
+    again.signal("INT");
+    assert!(again.wait(Duration::from_secs(30)).success());
+    assert!(job_checkpoint(&root).unwrap().1 >= at);
+}
+
+#[test]
+fn two_daemons_on_one_root_never_run_a_job_twice() {
+    let root = TestRoot::new(&config_text(6, "sidecar_wait_ms = 0"));
+    let mut first = root.start(&[]);
+    for i in 0..10 {
+        root.drop_renamed(&format!("job{i:02}.png"), &png_bytes(40, 30, i));
+    }
+    // The second starts while the first holds jobs in work/: it must not "resume" them.
+    first.until(LONG, "the first daemon to run a job", || !root.work_dirs().is_empty());
+    let mut second = root.start(&[]);
+    first.until(LONG, "10 results", || root.files("done").len() == 10);
+    wait_until(LONG, "work/ to empty", || root.work_dirs().is_empty());
+    first.signal("TERM");
+    second.signal("TERM");
+    assert!(first.wait(Duration::from_secs(10)).success());
+    assert!(second.wait(Duration::from_secs(10)).success());
+
+    let names: Vec<String> = (0..10).map(|i| format!("job{i:02}.png")).collect();
+    assert_eq!(root.files("out"), names);
+    assert_eq!(root.files("done"), names);
+    let events = root.all_events();
+    let starts = starts_by_name(&events);
+    assert_eq!(starts.len(), 10);
+    assert!(starts.values().all(|&n| n == 1), "a job ran twice: {starts:?}");
+    assert!(with_message(&events, "taking over a job left in work/").is_empty());
+    let by_first = with_message(&first.events(), "job started").len();
+    assert!(by_first > 0 && by_first < 10, "both daemons worked: first ran {by_first}");
+}
+
+#[test]
+fn polling_mode_takes_drops_with_spaces_and_non_ascii_names() {
+    let root = TestRoot::new(&config_text(2, "settle_ms = 300"));
+    let mut daemon = root.start(&["--poll", "100"]);
+    root.drop_file("ein schönes Foto ü.toml", b"[run]\nsize = 48\n");
+    root.drop_slowly("ein schönes Foto ü.png", &png_bytes(40, 30, 4), 4, Duration::from_millis(60));
+    root.drop_file("日本 の 写真.png", &png_bytes(30, 30, 5));
+    daemon.until(LONG, "two results", || root.files("done").len() == 3);
+    daemon.signal("TERM");
+    assert!(daemon.wait(Duration::from_secs(10)).success());
+    assert_eq!(root.files("out"), ["ein schönes Foto ü.png", "日本 の 写真.png"]);
+    assert_eq!(pixels(&root.path("out/ein schönes Foto ü.png")).0, 48, "its sidecar applied");
+    assert_eq!(root.files("done"), ["ein schönes Foto ü.png", "ein schönes Foto ü.toml", "日本 の 写真.png"]);
+    assert!(root.status().unwrap()["mode"].as_str().unwrap().starts_with("poll"));
+}
+
+#[test]
+fn same_names_never_overwrite_and_originals_can_be_deleted() {
+    let root = TestRoot::new(&config_text(2, "settle_ms = 100\nsidecar_wait_ms = 0"));
+    for seed in [1, 2] {
+        root.drop_file("same.png", &png_bytes(32, 32, seed));
+        assert!(root.run_once(&[]).0.success());
+    }
+    root.drop_file("same.jpg", &png_bytes(32, 32, 3));
+    assert!(root.run_once(&[]).0.success());
+    assert_eq!(root.files("out"), ["same-2.png", "same-3.png", "same.png"]);
+    assert_eq!(root.files("done"), ["same-2.png", "same.jpg", "same.png"]);
+    assert_ne!(pixels(&root.path("out/same.png")), pixels(&root.path("out/same-2.png")));
+
+    std::fs::write(
+        &root.config,
+        config_text(2, "settle_ms = 100\nsidecar_wait_ms = 0\nkeep_originals = false"),
+    )
+    .unwrap();
+    root.drop_file("gone.png", &png_bytes(32, 32, 4));
+    assert!(root.run_once(&[]).0.success());
+    assert!(root.files("out").contains(&"gone.png".to_string()));
+    assert!(!root.files("done").contains(&"gone.png".to_string()), "deleted, not kept");
+}
+
+#[test]
+fn a_job_that_crashes_the_daemon_twice_is_failed_not_retried() {
+    let root = TestRoot::new(&config_text(400, ""));
+    for round in 1..=2 {
+        let mut daemon = root.start(&[]);
+        if round == 1 {
+            root.drop_file("killer.png", &png_bytes(40, 30, 6));
+        }
+        wait_until(LONG, "the job to run", || {
+            with_message(&daemon.events(), "job started").len() == 1
+                && root
+                    .status()
+                    .is_some_and(|s| s["running"][0]["iteration"].as_u64().is_some_and(|i| i >= 1))
+        });
+        daemon.signal("KILL");
+        daemon.wait(Duration::from_secs(10));
+    }
+    let (status, events) = root.run_once(&[]);
+    assert!(status.success());
+    assert!(with_message(&events, "job started").is_empty(), "not run a third time");
+    let text = std::fs::read_to_string(root.path("failed/killer.png.error.txt")).unwrap();
+    assert!(text.contains("started 2 times"), "{text}");
+    assert!(root.path("failed/killer.png").is_file() && root.work_dirs().is_empty());
+}
+
+#[test]
+fn config_changes_apply_from_the_next_job_and_invalid_ones_are_ignored() {
+    let root = TestRoot::new(&config_text(3, "sidecar_wait_ms = 0"));
+    let mut daemon = root.start(&[]);
+    let run = |name: &str, seed: u32| {
+        root.drop_renamed(name, &png_bytes(32, 32, seed));
+        wait_until(LONG, name, || root.files("done").contains(&name.to_string()));
+        let events = daemon.events();
+        with_message(&events, "job started").into_iter().find(|f| f["name"] == name).unwrap()["total"]
+            .as_u64()
+    };
+    assert_eq!(run("a.png", 1), Some(3));
+
+    std::fs::write(&root.config, config_text(5, "sidecar_wait_ms = 0")).unwrap();
+    wait_until(LONG, "the reload", || {
+        with_message(&daemon.events(), "config reloaded; it applies from the next job").len() == 1
+    });
+    assert_eq!(run("b.png", 2), Some(5));
+
+    std::fs::write(&root.config, "[run]\nsize = -1\n").unwrap();
+    let invalid = "the changed config is invalid; keeping the previous one";
+    wait_until(LONG, "the invalid config to be noticed", || {
+        with_message(&daemon.events(), invalid).len() == 1
+    });
+    daemon.signal("HUP");
+    wait_until(LONG, "SIGHUP to reload (and refuse) it", || {
+        with_message(&daemon.events(), invalid).len() == 2
+    });
+    assert_eq!(run("c.png", 3), Some(5), "the previous config is kept");
+    daemon.signal("TERM");
+    assert!(daemon.wait(Duration::from_secs(10)).success());
+}
