@@ -1,10 +1,31 @@
 //! The 3x3 same-padding convolution, forward and input gradient: the one place to speed up.
+//!
+//! On the CPU, for contiguous f32 tensors, both run on [`kernels`] (chunked im2col and
+//! `gemm`'s SIMD kernels, on the rayon pool); on other devices, or for other layouts, on
+//! candle's `conv2d`. The two paths agree to float rounding (see the tests).
 
-use candle_core::{Result, Tensor};
+mod kernels;
+
+use candle_core::{DType, Device, Result, Storage, Tensor};
+
+use crate::model::relu_pool::{self, ReluGate};
+pub(crate) use kernels::{positive_bits, Gate};
+use kernels::{Conv3x3, Epilogue};
 
 /// `conv3x3(x, w) + b` with padding 1, stride 1; `bias` is `[1, C_out, 1, 1]`.
 pub fn forward(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    x.conv2d(weight, 1, 1, 1, 1)?.broadcast_add(bias)
+    if let Some(y) = forward_cpu(x, weight, bias, false)? {
+        return Ok(y);
+    }
+    forward_candle(x, weight, bias)
+}
+
+/// `relu(conv3x3(x, w) + b)`: [`forward`] and ReLU in one pass over the output on the CPU.
+pub fn forward_relu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if let Some(y) = forward_cpu(x, weight, bias, true)? {
+        return Ok(y);
+    }
+    forward_candle(x, weight, bias)?.relu()
 }
 
 /// Gradient w.r.t. the input of [`forward`], given the gradient of its output.
@@ -13,5 +34,230 @@ pub fn forward(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
 /// flipped in both spatial axes and input/output channels swapped (`flipped`, prepared once
 /// at load time). No kernel gradient is computed: the weights are frozen.
 pub fn input_grad(grad_out: &Tensor, flipped: &Tensor) -> Result<Tensor> {
+    if let Some(g) = conv_cpu(grad_out, flipped, Post::None, false)? {
+        return Ok(g);
+    }
+    input_grad_candle(grad_out, flipped)
+}
+
+fn forward_candle(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    x.conv2d(weight, 1, 1, 1, 1)?.broadcast_add(bias)
+}
+
+fn input_grad_candle(grad_out: &Tensor, flipped: &Tensor) -> Result<Tensor> {
     grad_out.conv2d(flipped, 1, 1, 1, 1)
+}
+
+fn forward_cpu(x: &Tensor, weight: &Tensor, bias: &Tensor, relu: bool) -> Result<Option<Tensor>> {
+    conv_cpu(x, weight, Post::Bias(bias), relu)
+}
+
+/// [`input_grad`], then the backward pass of the ReLU whose output was this convolution's
+/// input: `(input_grad + add) * gate`, where `add` is that ReLU's own upstream gradient.
+pub(crate) fn input_grad_gated(
+    grad_out: &Tensor,
+    flipped: &Tensor,
+    add: Option<&Tensor>,
+    gate: &ReluGate,
+) -> Result<Tensor> {
+    let add = add.map(relu_pool::contiguous_f32).transpose()?;
+    if let Some(g) = conv_cpu(grad_out, flipped, Post::Gate { add: add.as_ref(), gate }, false)? {
+        return Ok(g);
+    }
+    relu_pool::relu_backward(&input_grad_candle(grad_out, flipped)?, add.as_ref(), gate)
+}
+
+/// What follows the product in [`conv_cpu`].
+#[derive(Clone, Copy)]
+enum Post<'a> {
+    None,
+    Bias(&'a Tensor),
+    Gate { add: Option<&'a Tensor>, gate: &'a ReluGate },
+}
+
+/// Runs the convolution on [`kernels`] when every operand is a contiguous f32 tensor in CPU
+/// memory with the expected shapes; `None` sends the caller to candle's path.
+fn conv_cpu(x: &Tensor, kernel: &Tensor, post: Post<'_>, relu: bool) -> Result<Option<Tensor>> {
+    let on_cpu = |t: &Tensor| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32;
+    let (batch, c_in, height, width) = x.dims4()?;
+    let (c_out, k_in, kh, kw) = kernel.dims4()?;
+    let out_len = batch * c_out * height * width;
+    let post_ok = match post {
+        Post::None => true,
+        Post::Bias(b) => on_cpu(b) && b.elem_count() == c_out,
+        // Bit masks cover the whole batch: one image at a time cannot index them (batches of
+        // one are all the feature stack sees; larger ones take candle's path).
+        Post::Gate { add: Some(a), .. } => batch == 1 && on_cpu(a) && a.elem_count() == out_len,
+        Post::Gate { add: None, .. } => batch == 1,
+    };
+    if !on_cpu(x) || !on_cpu(kernel) || !post_ok || k_in != c_in || (kh, kw) != (3, 3) {
+        return Ok(None);
+    }
+    let shape = Conv3x3 { c_in, c_out, height, width };
+    let (x_storage, x_layout) = x.storage_and_layout();
+    let (k_storage, k_layout) = kernel.storage_and_layout();
+    let (Some(x_data), Some(k)) = (cpu_slice(&x_storage, x_layout), cpu_slice(&k_storage, k_layout)) else {
+        return Ok(None);
+    };
+    let run = |epilogue: Epilogue<'_>| -> Vec<f32> {
+        if batch == 1 {
+            return shape.run(x_data, k, epilogue, relu);
+        }
+        let per_image = c_in * height * width;
+        let mut out = Vec::with_capacity(out_len);
+        for image in x_data.chunks_exact(per_image.max(1)).take(batch) {
+            out.extend_from_slice(&shape.run(image, k, epilogue, relu));
+        }
+        out
+    };
+    let out = match post {
+        Post::None => run(Epilogue::None),
+        Post::Bias(b) => {
+            let (b_storage, b_layout) = b.storage_and_layout();
+            let Some(bias) = cpu_slice(&b_storage, b_layout) else { return Ok(None) };
+            run(Epilogue::Bias(bias))
+        }
+        Post::Gate { add, gate } => {
+            let add_guard = add.map(|a| a.storage_and_layout());
+            let add = match &add_guard {
+                Some((s, l)) => match cpu_slice(s, l) {
+                    Some(a) => Some(a),
+                    None => return Ok(None),
+                },
+                None => None,
+            };
+            gate.with(|gate| {
+                if gate.len() < out_len {
+                    return Err(candle_core::Error::Msg("ReLU gate smaller than the input gradient".into()));
+                }
+                Ok(run(Epilogue::Gate { add, gate }))
+            })?
+        }
+    };
+    Ok(Some(Tensor::from_vec(out, (batch, c_out, height, width), &Device::Cpu)?))
+}
+
+/// The elements of a contiguous f32 tensor held in CPU memory, without copying.
+fn cpu_slice<'a>(storage: &'a Storage, layout: &candle_core::Layout) -> Option<&'a [f32]> {
+    match storage {
+        Storage::Cpu(cpu) => {
+            let (start, end) = layout.contiguous_offsets()?;
+            cpu.as_slice::<f32>().ok()?.get(start..end)
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(shape: (usize, usize, usize, usize), seed: u64) -> Tensor {
+        let n = shape.0 * shape.1 * shape.2 * shape.3;
+        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                z = z.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).expect("shape matches")
+    }
+
+    /// Largest |a - b| over the largest |b|: a relative error that ignores cancellations.
+    fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        diff / scale.max(f32::MIN_POSITIVE)
+    }
+
+    const SHAPES: &[(usize, usize, usize, usize)] = &[
+        // (c_in, c_out, height, width): conv1_1, small and odd images, wide channel counts.
+        (3, 64, 33, 47),
+        (64, 64, 24, 32),
+        (64, 128, 17, 9),
+        (128, 256, 7, 5),
+        (256, 512, 5, 3),
+        (512, 512, 3, 4),
+        (5, 7, 1, 1),
+        (1, 3, 2, 13),
+    ];
+
+    #[test]
+    fn forward_matches_candle() {
+        for (i, &(c_in, c_out, h, w)) in SHAPES.iter().enumerate() {
+            let x = random((1, c_in, h, w), i as u64);
+            let k =
+                (random((c_out, c_in, 3, 3), 100 + i as u64) * (1.0 / (9.0 * c_in as f64).sqrt())).unwrap();
+            let b = random((1, c_out, 1, 1), 200 + i as u64);
+            let fast = forward(&x, &k, &b).unwrap();
+            let slow = forward_candle(&x, &k, &b).unwrap();
+            assert_eq!(fast.dims(), slow.dims());
+            let err = rel_err(&fast, &slow);
+            assert!(err < 1e-5, "{c_in}->{c_out} at {h}x{w}: relative error {err}");
+            let fused = forward_relu(&x, &k, &b).unwrap();
+            let err = rel_err(&fused, &slow.relu().unwrap());
+            assert!(err < 1e-5, "{c_in}->{c_out} at {h}x{w} with ReLU: relative error {err}");
+        }
+    }
+
+    #[test]
+    fn input_grad_matches_candle() {
+        for (i, &(c_in, c_out, h, w)) in SHAPES.iter().enumerate() {
+            // The gradient conv maps c_out channels back to c_in (3 for conv1_1).
+            let g = random((1, c_out, h, w), 300 + i as u64);
+            let flipped = random((c_in, c_out, 3, 3), 400 + i as u64);
+            let fast = input_grad(&g, &flipped).unwrap();
+            let slow = input_grad_candle(&g, &flipped).unwrap();
+            assert_eq!(fast.dims(), slow.dims());
+            let err = rel_err(&fast, &slow);
+            assert!(err < 1e-5, "grad {c_out}->{c_in} at {h}x{w}: relative error {err}");
+        }
+    }
+
+    #[test]
+    fn batches_and_strided_inputs_work() {
+        let x = random((2, 8, 6, 5), 7);
+        let k = random((4, 8, 3, 3), 8);
+        let b = random((1, 4, 1, 1), 9);
+        let err = rel_err(&forward(&x, &k, &b).unwrap(), &forward_candle(&x, &k, &b).unwrap());
+        assert!(err < 1e-5, "batch of 2: {err}");
+        // A transposed (non-contiguous) input goes through candle's path and still agrees.
+        let xt = random((1, 8, 5, 6), 10).transpose(2, 3).unwrap();
+        let err = rel_err(&forward(&xt, &k, &b).unwrap(), &forward_candle(&xt, &k, &b).unwrap());
+        assert!(err < 1e-5, "transposed input: {err}");
+    }
+}
+
+#[cfg(test)]
+mod accuracy {
+    use super::*;
+
+    /// Relative L2 distance of `t` from the f64 result `exact`.
+    fn distance(t: &Tensor, exact: &Tensor) -> f64 {
+        let d = (t.to_dtype(DType::F64).unwrap() - exact).unwrap().sqr().unwrap().sum_all().unwrap();
+        let n = exact.sqr().unwrap().sum_all().unwrap();
+        (d.to_scalar::<f64>().unwrap() / n.to_scalar::<f64>().unwrap()).sqrt()
+    }
+
+    /// The max-pooling Adam golden test is sensitive to rounding (near-ties flip winners), so
+    /// the fast path must be no less accurate than candle's: in fact it is about 2x closer
+    /// to the f64 result (short f32 accumulation chains, see kernels::Conv3x3::chunk).
+    #[test]
+    fn fast_path_is_closer_to_f64_than_candle() {
+        for &(c_in, c_out, h, w) in
+            &[(3usize, 64usize, 24usize, 32usize), (64, 64, 24, 32), (256, 256, 12, 16), (512, 512, 6, 8)]
+        {
+            let x = Tensor::rand(0f32, 1f32, (1, c_in, h, w), &Device::Cpu).unwrap();
+            let k = (Tensor::randn(0f32, 1f32, (c_out, c_in, 3, 3), &Device::Cpu).unwrap()
+                * (2.0 / (9.0 * c_in as f64)).sqrt())
+            .unwrap();
+            let b = Tensor::zeros((1, c_out, 1, 1), DType::F32, &Device::Cpu).unwrap();
+            let exact =
+                x.to_dtype(DType::F64).unwrap().conv2d(&k.to_dtype(DType::F64).unwrap(), 1, 1, 1, 1).unwrap();
+            let ours = distance(&forward(&x, &k, &b).unwrap(), &exact);
+            let candle = distance(&forward_candle(&x, &k, &b).unwrap(), &exact);
+            assert!(ours <= candle * 1.05, "{c_in}->{c_out}: fast {ours:.3e} vs candle {candle:.3e}");
+        }
+    }
 }

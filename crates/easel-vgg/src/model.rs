@@ -3,6 +3,12 @@
 //! The stack is a fixed chain (conv, ReLU, pool), so its backward pass is written out here
 //! instead of going through candle's generic autograd, which would also compute the kernel
 //! gradient of every convolution although the weights never change.
+//!
+//! On the CPU each ReLU is fused into the convolution before it (unless that convolution's
+//! pre-activation is a tap), and backward runs on [`relu_pool`]'s loops with the ReLU masks
+//! kept as bits; elsewhere both run on candle's tensor ops.
+
+pub(crate) mod relu_pool;
 
 use std::collections::BTreeMap;
 
@@ -10,6 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use easel_core::{FeatureMaps, LayerId};
 
 use crate::{conv, VggError, WeightsFile, CONVS};
+use relu_pool::{ReluGate, Routing};
 
 /// How the stack pools between blocks (2x2, stride 2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,9 +76,23 @@ pub struct Vgg19 {
 
 /// What the forward pass kept for [`Vgg19::backward`]: the ReLU outputs (masks for the ReLU
 /// gradient and inputs of the pools), and the pre-processed input's shape.
+///
+/// On the CPU, instead: each ReLU's mask (its output only where that is a tap, which the
+/// caller holds anyway; else one bit per element) and each pool's input shape and, for max
+/// pooling, the winner of every window.
 pub struct Trace {
     relu_outputs: BTreeMap<usize, Tensor>,
+    gates: BTreeMap<usize, ReluGate>,
+    pools: BTreeMap<usize, PoolRecord>,
+    cpu: bool,
     input_dims: (usize, usize, usize, usize),
+}
+
+/// A pooling layer as its backward pass needs it (CPU path).
+struct PoolRecord {
+    input_dims: (usize, usize, usize, usize),
+    /// Which input of each window won, for max pooling.
+    winners: Option<Vec<u8>>,
 }
 
 impl Vgg19 {
@@ -181,28 +202,66 @@ impl Vgg19 {
         }
         let mut x = self.normalise(pixels)?;
         let input_dims = x.dims4()?;
+        let cpu = matches!(self.device, Device::Cpu);
         let mut relu_outputs = BTreeMap::new();
+        let mut gates = BTreeMap::new();
+        let mut pools = BTreeMap::new();
         let last = deepest.features_index();
+        let tap = |index: usize| LayerId::from_features_index(index).filter(|l| taps.contains(l));
+        // Whether x already went through the ReLU at this index, fused into the conv before.
+        let mut rectified = false;
         for index in (0..).take_while(|&i| Some(i) <= last) {
+            let fused = std::mem::replace(&mut rectified, false);
             x = match op(index) {
-                Op::Conv(k) => conv::forward(&x, &self.convs[k].weight, &self.convs[k].bias)?,
+                Op::Conv(k) => {
+                    let ConvWeights { weight, bias, .. } = &self.convs[k];
+                    rectified = Some(index + 1) <= last && op(index + 1) == Op::Relu && tap(index).is_none();
+                    if rectified {
+                        conv::forward_relu(&x, weight, bias)?
+                    } else {
+                        conv::forward(&x, weight, bias)?
+                    }
+                }
+                Op::Relu if fused => x,
                 Op::Relu => x.relu()?,
-                Op::Pool if self.pooling == Pooling::Max => x.max_pool2d(2)?,
-                Op::Pool => x.avg_pool2d(2)?,
+                Op::Pool if cpu && self.pooling == Pooling::Max => {
+                    let (pooled, winners) = relu_pool::max_pool(&x)?;
+                    if keep {
+                        pools.insert(index, PoolRecord { input_dims: x.dims4()?, winners: Some(winners) });
+                    }
+                    pooled
+                }
+                Op::Pool => {
+                    if keep && cpu {
+                        pools.insert(index, PoolRecord { input_dims: x.dims4()?, winners: None });
+                    }
+                    match self.pooling {
+                        Pooling::Max => x.max_pool2d(2)?,
+                        Pooling::Avg => x.avg_pool2d(2)?,
+                    }
+                }
             };
             if keep && op(index) == Op::Relu {
-                relu_outputs.insert(index, x.clone());
+                if cpu {
+                    gates.insert(index, ReluGate::record(&x, tap(index).is_some())?);
+                } else {
+                    relu_outputs.insert(index, x.clone());
+                }
             }
-            if let Some(layer) = LayerId::from_features_index(index).filter(|l| taps.contains(l)) {
+            if let Some(layer) = tap(index) {
                 features.insert(layer, x.clone());
             }
         }
-        Ok((features, Trace { relu_outputs, input_dims }))
+        Ok((features, Trace { relu_outputs, gates, pools, cpu, input_dims }))
     }
 
     /// The gradient w.r.t. the pixels of a function of the taps, given its gradient w.r.t.
     /// each tap (`Pixels` included, if the function reads the image directly).
     pub fn backward(&self, trace: &Trace, tap_grads: &[(LayerId, Tensor)]) -> Result<Tensor, VggError> {
+        if trace.cpu {
+            let grad = self.backward_cpu(trace, tap_grads)?;
+            return self.pixels_grad(trace, grad, tap_grads);
+        }
         let grad_at = |index: usize| {
             tap_grads.iter().filter(move |(l, _)| l.features_index() == Some(index)).map(|(_, g)| g)
         };
@@ -231,6 +290,84 @@ impl Vgg19 {
                 }
             });
         }
+        self.pixels_grad(trace, grad, tap_grads)
+    }
+
+    /// Backward through the convolutions, ReLUs and pools on the CPU (see [`relu_pool`]):
+    /// the gradient w.r.t. the normalised input, if any tap below the pixels has one.
+    fn backward_cpu(
+        &self,
+        trace: &Trace,
+        tap_grads: &[(LayerId, Tensor)],
+    ) -> Result<Option<Tensor>, VggError> {
+        // The sum of the tap gradients at `index`, in f32.
+        let taps_at = |index: usize| -> candle_core::Result<Option<Tensor>> {
+            let mut sum: Option<Tensor> = None;
+            for (_, g) in tap_grads.iter().filter(|(l, _)| l.features_index() == Some(index)) {
+                let g = relu_pool::contiguous_f32(g)?;
+                sum = Some(match sum {
+                    Some(acc) => (acc + g)?,
+                    None => g,
+                });
+            }
+            Ok(sum)
+        };
+        let gate = |index: usize| {
+            trace
+                .gates
+                .get(&index)
+                .ok_or_else(|| candle_core::Error::Msg(format!("trace lacks ReLU {index}")))
+        };
+        let deepest = tap_grads.iter().filter_map(|(l, _)| l.features_index()).max();
+        let mut grad: Option<Tensor> = None;
+        // The ReLU at this index was already folded into the backward step above it.
+        let mut folded = false;
+        for index in (0..deepest.map_or(0, |d| d + 1)).rev() {
+            if std::mem::replace(&mut folded, false) {
+                continue;
+            }
+            if let Some(t) = taps_at(index)? {
+                grad = Some(match grad {
+                    Some(acc) => (acc + t)?,
+                    None => t,
+                });
+            }
+            let Some(g) = grad.take() else { continue };
+            grad = Some(match op(index) {
+                Op::Conv(k) if index > 0 && op(index - 1) == Op::Relu => {
+                    folded = true;
+                    let add = taps_at(index - 1)?;
+                    conv::input_grad_gated(&g, &self.convs[k].flipped, add.as_ref(), gate(index - 1)?)?
+                }
+                Op::Conv(k) => conv::input_grad(&g, &self.convs[k].flipped)?,
+                Op::Relu => relu_pool::relu_backward(&g, None, gate(index)?)?,
+                Op::Pool => {
+                    // Every pool of VGG-19 follows a ReLU.
+                    folded = true;
+                    let add = taps_at(index - 1)?;
+                    let record = trace
+                        .pools
+                        .get(&index)
+                        .ok_or_else(|| candle_core::Error::Msg(format!("trace lacks pool {index}")))?;
+                    let routing = match &record.winners {
+                        Some(winners) => Routing::Max(winners),
+                        None => Routing::Avg,
+                    };
+                    relu_pool::pool_backward(&g, record.input_dims, routing, add.as_ref(), gate(index - 1)?)?
+                }
+            });
+        }
+        Ok(grad)
+    }
+
+    /// The pixel gradient from the gradient w.r.t. the normalised input (if any) and the
+    /// gradient the losses send to the pixels directly.
+    fn pixels_grad(
+        &self,
+        trace: &Trace,
+        grad: Option<Tensor>,
+        tap_grads: &[(LayerId, Tensor)],
+    ) -> Result<Tensor, VggError> {
         let mut pixels_grad = match grad {
             Some(g) => match self.preprocess {
                 Preprocess::Torchvision => g.broadcast_mul(&self.scale)?,

@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Side-by-side timing of easel and the PyTorch yardstick (issue #4).
+
+Runs `easel bench` and `gatys_torch.py` (copied here from the team's shared peer set, header
+and attribution kept) on the same content/style images and the same safetensors weights, at
+each --size, both with Adam (one loss+gradient evaluation per iteration), alternating the two
+tools so that any background load hits both alike. Prints a table of seconds per evaluation
+(median of the iterations after the first), their ratio easel/torch, and peak RSS, then one
+JSON line with every raw result.
+
+    tests/perf/compare.py [--sizes 128,256,512] [--iters 8] [--repeats 1] [--threads 2]
+                          [--python /work/torch-venv/bin/python] [--easel target/release/easel]
+                          [--weights W.safetensors] [--goal 0.8] [--rss-goal-mb 600]
+
+Weights default to `easel weights synth --seed 0` written to a temporary folder. The PyTorch
+interpreter defaults to $TORCH_PYTHON, then /work/torch-venv/bin/python, then python3.
+Needs only the standard library itself. Exit status 0 always (it measures, it does not judge),
+unless a tool fails.
+
+Timings are only as good as the machine is quiet: each run records the CPU time that other
+processes used while it ran (`other` column, as a fraction of all cores); rerun when it is high.
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+
+def cpu_busy_s():
+    """Busy CPU seconds of the whole machine (all cores) from /proc/stat."""
+    with open("/proc/stat") as fh:
+        f = [int(v) for v in fh.readline().split()[1:]]
+    idle = f[3] + (f[4] if len(f) > 4 else 0)
+    return (sum(f[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def run_json(cmd):
+    """Runs cmd, returns (last JSON line of stdout, fraction of all cores other processes used)."""
+    t0, b0 = time.perf_counter(), cpu_busy_s()
+    r0 = os.times()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - t0
+    r1 = os.times()
+    own = (r1.children_user - r0.children_user) + (r1.children_system - r0.children_system)
+    other = max(0.0, cpu_busy_s() - b0 - own) / (wall * (os.cpu_count() or 1))
+    if proc.returncode != 0:
+        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if not lines:
+        sys.exit(f"no JSON from: {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return json.loads(lines[-1]), other
+
+
+def default_python():
+    for p in (os.environ.get("TORCH_PYTHON"), "/work/torch-venv/bin/python"):
+        if p and os.path.exists(p):
+            return p
+    return shutil.which("python3") or "python3"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="128,256,512")
+    ap.add_argument("--iters", type=int, default=8, help="Adam iterations per run (the first is not timed)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per tool and size; the fastest counts")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--python", default=default_python())
+    ap.add_argument("--easel", default=os.path.join(ROOT, "target", "release", "easel"))
+    ap.add_argument("--weights")
+    ap.add_argument("--content", default=os.path.join(ROOT, "tests", "data", "content.png"))
+    ap.add_argument("--style", default=os.path.join(ROOT, "tests", "data", "style.png"))
+    ap.add_argument("--only", choices=["easel", "torch"], help="run one tool only")
+    ap.add_argument("--goal", type=float, default=0.8, help="target ratio easel/torch")
+    ap.add_argument("--rss-goal-mb", type=float, default=600.0, help="target easel peak RSS at 512 px")
+    args = ap.parse_args()
+
+    tmp = tempfile.mkdtemp(prefix="easel-compare-")
+    weights = args.weights
+    if not weights:
+        weights = os.path.join(tmp, "synth0.safetensors")
+        subprocess.run([args.easel, "weights", "synth", "--seed", "0", "--out", weights], check=True,
+                       stdout=subprocess.DEVNULL)
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    results = []
+    for size in sizes:
+        easel_cmd = [args.easel, "--threads", str(args.threads), "bench", "--content", args.content,
+                     "--style", args.style, "--weights", weights, "--size", str(size),
+                     "--iterations", str(args.iters), "--optimizer", "adam", "--json"]
+        # easel's default job: content 1 on relu4_2, gram 1e6 on relu1_1..relu5_1, tv 1e-3.
+        torch_cmd = [args.python, os.path.join(HERE, "gatys_torch.py"), "--content", args.content,
+                     "--style", args.style, "--weights", weights, "--size", str(size),
+                     "--iters", str(args.iters), "--optimizer", "adam", "--style-weight", "1e6",
+                     "--tv-weight", "1e-3", "--threads", str(args.threads)]
+        best = {}
+        for _ in range(args.repeats):
+            for tool, cmd in (("easel", easel_cmd), ("torch", torch_cmd)):
+                if args.only and tool != args.only:
+                    continue
+                res, other = run_json(cmd)
+                if tool == "easel":
+                    s, rss, loss0 = res["s_per_iter"], res["peak_rss_mb"], res["loss_first"]
+                else:
+                    s, rss, loss0 = res["iter_s_median"], res["peak_rss_mb"], res["initial_loss"]["total"]
+                row = dict(s_per_eval=s, peak_rss_mb=rss, other_cpu=other, loss_first=loss0, raw=res)
+                if tool not in best or s < best[tool]["s_per_eval"]:
+                    best[tool] = row
+        results.append(dict(size=size, **best))
+
+    print(f"{'size':>5} {'easel s/eval':>13} {'torch s/eval':>13} {'ratio':>7} {'easel RSS MB':>13} "
+          f"{'torch RSS MB':>13} {'other cpu e/t':>14} {'loss0 e/t':>10}")
+    for r in results:
+        e, t = r.get("easel"), r.get("torch")
+        ratio = e["s_per_eval"] / t["s_per_eval"] if e and t else float("nan")
+        loss_ratio = e["loss_first"] / t["loss_first"] if e and t else float("nan")
+        f = lambda d, k, fmt: format(d[k], fmt) if d else "-"
+        print(f"{r['size']:>5} {f(e, 's_per_eval', '13.4f')} {f(t, 's_per_eval', '13.4f')} {ratio:7.3f} "
+              f"{f(e, 'peak_rss_mb', '13.0f')} {f(t, 'peak_rss_mb', '13.0f')} "
+              f"{(format(e['other_cpu'], '.2f') if e else '-'):>6}/{(format(t['other_cpu'], '.2f') if t else '-'):<7} "
+              f"{loss_ratio:10.4f}")
+    print(f"goal: ratio <= {args.goal} at 256 and 512 px; easel peak RSS <= {args.rss_goal_mb:.0f} MB at 512 px "
+          f"(torch RSS includes its ~300 MB of libraries)")
+    print(json.dumps(dict(threads=args.threads, iters=args.iters, repeats=args.repeats, weights=weights,
+                          results=[{k: ({kk: vv for kk, vv in v.items() if kk != "raw"} if isinstance(v, dict) else v)
+                                    for k, v in r.items()} for r in results],
+                          raw=[{k: v["raw"] for k, v in r.items() if isinstance(v, dict)} for r in results])))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
