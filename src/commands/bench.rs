@@ -91,7 +91,7 @@ pub fn bench(args: BenchArgs, registry: &Registry) -> Result<()> {
             "threads": candle_core::utils::get_num_threads(),
             "loss_first": losses.first(),
             "loss_last": losses.last(),
-            "weights_sha256": job.weights.sha256(),
+            "weights_sha256": job.weights.sha256()?,
         })
     );
     Ok(())

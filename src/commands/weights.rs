@@ -72,7 +72,7 @@ fn inspect(file: &Path) -> Result<()> {
         println!("  {:<28} {:<6} {:<18} {:>12}", t.name, t.dtype, format!("{:?}", t.shape), t.bytes);
     }
     let total: usize = report.tensors.iter().map(|t| t.bytes).sum();
-    println!("  {} tensors, {total} bytes, sha256 {}", report.tensors.len(), weights.sha256());
+    println!("  {} tensors, {total} bytes, sha256 {}", report.tensors.len(), weights.sha256()?);
     if report.problems.is_empty() {
         println!("usable VGG-19: yes (all 16 convolutions present with the expected shapes)");
         Ok(())

@@ -169,17 +169,17 @@ fn provenance(
     job: &ClaimedJob,
     image: &OsStr,
     plan: &Plan,
-) -> Vec<(&'static str, String)> {
+) -> Result<Vec<(&'static str, String)>, JobError> {
     let version = env!("CARGO_PKG_VERSION");
-    vec![
+    Ok(vec![
         ("Software", format!("easel {version}")),
         ("easel:version", version.to_string()),
         ("easel:source", lossy(image)),
         ("easel:job", job.id.clone()),
         ("easel:seed", plan.run.seed.to_string()),
-        ("easel:weights-sha256", shared.weights.sha256().to_string()),
+        ("easel:weights-sha256", shared.weights.sha256()?.to_string()),
         ("easel:config", toml::to_string(&plan.merged).unwrap_or_default()),
-    ]
+    ])
 }
 
 /// Runs (or resumes) the job to its end or to a stop; the result is left in the job folder.
@@ -246,7 +246,7 @@ fn attempt(
     let plan = run.plan();
     let format = plan.output.format;
     let extension = format.extension();
-    let text = provenance(shared, job, image, plan);
+    let text = provenance(shared, job, image, plan)?;
     let result = job.dir.join(format!("{RESULT}.{extension}"));
     let chunks: Vec<(&str, String)> = text.iter().map(|(k, v)| (*k, v.clone())).collect();
     save_image(&run.result()?, &result, format, plan.output.jpeg_quality, &chunks)?;

@@ -125,6 +125,7 @@ impl Vgg19 {
                 flipped: Tensor::from_vec(flipped, (cin, cout, 3, 3), device)?,
             });
         }
+        weights.release_pages();
         let (mean, scale) = match preprocess {
             Preprocess::Torchvision => (TORCHVISION_MEAN, TORCHVISION_STD.map(|s| 1.0 / s)),
             Preprocess::Caffe => (CAFFE_MEAN_BGR, [255.0; 3]),

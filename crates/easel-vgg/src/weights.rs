@@ -51,6 +51,26 @@ unsafe fn map_read_only(file: &File) -> std::io::Result<Mmap> {
     unsafe { Mmap::map(file) }
 }
 
+/// Drops the resident pages of `map` (`MADV_DONTNEED`).
+///
+/// # Safety
+///
+/// `map` must be a read-only mapping of a file that is not modified while mapped (as for
+/// [`map_read_only`]): its pages are then re-read unchanged from the file on the next access.
+/// On a private writable mapping this would discard writes, which is why memmap2 marks it unsafe.
+unsafe fn release(map: &Mmap) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        // SAFETY: upheld by this function's caller, see `# Safety`.
+        unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = map;
+        Ok(())
+    }
+}
+
 fn expected_shape(name: &str) -> Option<Vec<usize>> {
     let rest = name.strip_prefix("features.")?;
     let (index, kind) = rest.split_once('.')?;
@@ -112,8 +132,34 @@ impl WeightsFile {
     }
 
     /// Hex sha256 of the whole file, computed once on first use (for provenance).
-    pub fn sha256(&self) -> &str {
-        self.sha256.get_or_init(|| format!("{:x}", Sha256::digest(&self.mmap[..])))
+    ///
+    /// Read through a small buffer rather than the map, so hashing does not make the whole
+    /// file resident in this process.
+    pub fn sha256(&self) -> Result<&str, VggError> {
+        if let Some(hex) = self.sha256.get() {
+            return Ok(hex);
+        }
+        let io = |source| VggError::Io { path: self.path.clone(), source };
+        let mut file = File::open(&self.path).map_err(io)?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = std::io::Read::read(&mut file, &mut buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        Ok(self.sha256.get_or_init(|| format!("{:x}", hasher.finalize())))
+    }
+
+    /// Lets the kernel drop this process's resident pages of the map: after a model has
+    /// converted the tensors it needs, the map is only kept for later models.
+    pub fn release_pages(&self) {
+        // SAFETY: the map is read-only and file-backed, so dropping its pages loses nothing:
+        // a later read faults them back in from the file (see `map_read_only`).
+        // Only a hint: failing to release costs memory, never correctness.
+        let _ = unsafe { release(&self.mmap) };
     }
 
     /// Every tensor in the file, sorted by name, and whether the file is a usable VGG-19.
