@@ -1,6 +1,5 @@
 //! Decoding inputs within limits, tensor conversion, resizing, colour transfer, atomic saving.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -170,16 +169,5 @@ pub fn save_image(
 ) -> Result<(), EngineError> {
     let fail = |reason: String| EngineError::Output { path: path.to_path_buf(), reason };
     let data = encode(image, format, jpeg_quality, text).map_err(fail)?;
-    let tmp = temp_path_for(path);
-    let written = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(&data)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(fail(e.to_string()));
-    }
-    Ok(())
+    crate::checkpoint::write_atomically(path, &data).map_err(|e| fail(e.to_string()))
 }
