@@ -249,12 +249,21 @@ fn config_check_and_plugins() {
     }
 }
 
-/// Runs a job expected to fail: non-zero exit, an error mentioning `needle`, no output.
-fn assert_fails(dir: &Path, args: &[&std::ffi::OsStr], needle: &str) {
-    let out_path = dir.join("never.png");
+/// Runs `easel run` on `content` with the test style and `weights` plus `extra` flags, in a
+/// fresh folder, and checks that it fails: non-zero exit, an error mentioning `needle`, and no
+/// output or temp file left behind.
+fn assert_run_fails(content: &Path, weights: &Path, extra: &[&std::ffi::OsStr], needle: &str) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out_path = dir.path().join("never.png");
     let out = easel()
         .arg("run")
-        .args(args)
+        .arg("--content")
+        .arg(content)
+        .arg("--style")
+        .arg(data("style.png"))
+        .arg("--weights")
+        .arg(weights)
+        .args(extra)
         .arg("--out")
         .arg(&out_path)
         .args(["--size", "64", "--iterations", "2"])
@@ -263,79 +272,92 @@ fn assert_fails(dir: &Path, args: &[&std::ffi::OsStr], needle: &str) {
     let text = stderr(&out);
     assert!(!out.status.success(), "should fail with `{needle}`: {text}");
     assert!(text.contains(needle), "error should mention `{needle}`:\n{text}");
-    assert!(!out_path.exists(), "no output may be left behind");
-    let leftovers: Vec<_> = std::fs::read_dir(dir)
-        .expect("ls")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("never"))
-        .collect();
-    assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+    let left: Vec<_> =
+        std::fs::read_dir(dir.path()).expect("ls").map(|e| e.expect("entry").file_name()).collect();
+    assert!(left.is_empty(), "nothing may be left behind: {left:?}");
+}
+
+/// A file in a fresh temp folder (kept alive by the returned guard).
+fn temp_file(name: &str, bytes: &[u8]) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join(name);
+    std::fs::write(&path, bytes).expect("write");
+    (dir, path)
+}
+
+/// `easel run` with a `--config` file holding `toml`, expected to fail with `needle`.
+fn assert_config_fails(toml: &str, needle: &str) {
+    let (_dir, config) = temp_file("job.toml", toml.as_bytes());
+    assert_run_fails(
+        &data("content.png"),
+        synth_weights(),
+        &[std::ffi::OsStr::new("--config"), config.as_os_str()],
+        needle,
+    );
 }
 
 #[test]
-fn bad_inputs_fail_clearly_and_leave_no_output() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let d = dir.path();
-    let os = |p: &Path| p.as_os_str().to_owned();
-    let content = os(&data("content.png"));
-    let style = os(&data("style.png"));
-    let weights = os(synth_weights());
-    let job = |c: &std::ffi::OsStr, w: &std::ffi::OsStr, extra: &[std::ffi::OsString]| {
-        let mut v: Vec<std::ffi::OsString> =
-            vec!["--content".into(), c.into(), "--style".into(), style.clone(), "--weights".into(), w.into()];
-        v.extend(extra.iter().cloned());
-        v
-    };
-    let check = |args: Vec<std::ffi::OsString>, needle: &str| {
-        let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
-        assert_fails(d, &refs, needle);
-    };
-
+fn a_corrupt_image_fails() {
     let png = std::fs::read(data("content.png")).expect("read");
-    let corrupt = d.join("corrupt.png");
-    std::fs::write(&corrupt, &png[..png.len() / 3]).expect("write");
-    check(job(&os(&corrupt), &weights, &[]), "corrupt.png: cannot decode image");
+    let (_dir, corrupt) = temp_file("corrupt.png", &png[..png.len() / 3]);
+    assert_run_fails(&corrupt, synth_weights(), &[], "corrupt.png: cannot decode image");
+}
 
-    let text = d.join("notes.png");
-    std::fs::write(&text, "these are my holiday notes, not a picture\n").expect("write");
-    check(job(&os(&text), &weights, &[]), "notes.png: cannot decode image");
+#[test]
+fn a_text_file_named_png_fails() {
+    let (_dir, text) = temp_file("notes.png", b"these are my holiday notes, not a picture\n");
+    assert_run_fails(&text, synth_weights(), &[], "notes.png: cannot decode image");
+}
 
-    check(job(&os(&d.join("nowhere.png")), &weights, &[]), "nowhere.png: No such file");
+#[test]
+fn a_missing_image_fails() {
+    let dir = tempfile::tempdir().expect("tmp");
+    assert_run_fails(&dir.path().join("nowhere.png"), synth_weights(), &[], "nowhere.png: No such file");
+}
 
-    let limits = d.join("limits.toml");
-    std::fs::write(&limits, "[limits]\nmax_pixels = 1000\n").expect("write");
-    check(
-        job(&content, &weights, &["--config".into(), os(&limits)]),
-        "over the limit of 1000 (limits.max_pixels)",
-    );
+#[test]
+fn an_image_over_the_pixel_limit_fails() {
+    assert_config_fails("[limits]\nmax_pixels = 1000\n", "over the limit of 1000 (limits.max_pixels)");
+}
 
+#[test]
+fn truncated_weights_fail() {
     let w = std::fs::read(synth_weights()).expect("read");
-    let truncated = d.join("truncated.safetensors");
-    std::fs::write(&truncated, &w[..w.len() / 2]).expect("write");
-    check(job(&content, &os(&truncated), &[]), "truncated.safetensors: truncated safetensors file");
+    let (_dir, truncated) = temp_file("truncated.safetensors", &w[..w.len() / 2]);
+    assert_run_fails(
+        &data("content.png"),
+        &truncated,
+        &[],
+        "truncated.safetensors: truncated safetensors file",
+    );
+}
 
-    let garbage = d.join("garbage.safetensors");
-    std::fs::write(&garbage, "GARBAGE GARBAGE GARBAGE GARBAGE").expect("write");
-    check(job(&content, &os(&garbage), &[]), "garbage.safetensors: not a safetensors file");
+#[test]
+fn garbage_weights_fail() {
+    let (_dir, garbage) = temp_file("garbage.safetensors", b"GARBAGE GARBAGE GARBAGE GARBAGE");
+    assert_run_fails(&data("content.png"), &garbage, &[], "garbage.safetensors: not a safetensors file");
+}
 
-    for (name, body, needle) in [
-        ("unknown-key.toml", "[run]\nsizes = 64\n", "run.sizes: unknown key"),
-        ("wrong-type.toml", "[run]\nseed = \"many\"\n", "run.seed: expected an integer, got string \"many\""),
-        (
-            "unknown-plugin.toml",
-            "[optimizer]\ntype = \"newton\"\n",
-            "optimizer.type: unknown optimizer \"newton\"; available: lbfgs, adam, gd",
-        ),
-        (
-            "unknown-loss.toml",
-            "[[loss]]\ntype = \"glow\"\n",
-            "loss[0].type: unknown loss \"glow\"; available: content, gram, tv",
-        ),
-    ] {
-        let path = d.join(name);
-        std::fs::write(&path, body).expect("write");
-        check(job(&content, &weights, &["--config".into(), os(&path)]), needle);
-    }
+#[test]
+fn a_config_with_an_unknown_key_fails() {
+    assert_config_fails("[run]\nsizes = 64\n", "run.sizes: unknown key");
+}
+
+#[test]
+fn a_config_with_a_wrong_type_fails() {
+    assert_config_fails("[run]\nseed = \"many\"\n", "run.seed: expected an integer, got string \"many\"");
+}
+
+#[test]
+fn a_config_with_an_unknown_plugin_fails() {
+    assert_config_fails(
+        "[optimizer]\ntype = \"newton\"\n",
+        "optimizer.type: unknown optimizer \"newton\"; available: lbfgs, adam, gd",
+    );
+    assert_config_fails(
+        "[[loss]]\ntype = \"glow\"\n",
+        "loss[0].type: unknown loss \"glow\"; available: content, gram, tv",
+    );
 }
 
 #[test]
