@@ -7,6 +7,10 @@
 
 use std::time::Instant;
 
+#[path = "measure/mod.rs"]
+mod measure;
+use measure::cpu_seconds;
+
 use candle_core::{Device, Tensor};
 
 // The kernels are private to easel-vgg; the bench compiles the same file.
@@ -45,16 +49,6 @@ fn noise(n: usize, seed: u64) -> Vec<f32> {
             ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect()
-}
-
-/// CPU seconds this process's threads have run, from /proc (Linux; 0 elsewhere).
-fn cpu_seconds() -> f64 {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return 0.0 };
-    let ns: f64 = tasks
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
-        .sum();
-    ns * 1e-9
 }
 
 /// Median wall seconds of `reps` runs of `f` after one warm-up run, and the mean CPU

@@ -7,6 +7,10 @@
 
 use std::time::Instant;
 
+#[path = "measure/mod.rs"]
+mod measure;
+use measure::cpu_seconds;
+
 use candle_core::{Device, Tensor};
 use easel_core::LayerId;
 use easel_vgg::{synth, Pooling, Preprocess, Vgg19, WeightsFile};
@@ -23,17 +27,6 @@ const TAPS: [LayerId; 6] = [
 fn median(mut t: Vec<f64>) -> f64 {
     t.sort_by(f64::total_cmp);
     t[t.len() / 2]
-}
-
-/// CPU seconds this process's threads have run, from /proc (Linux; 0 elsewhere): with other
-/// work on the machine, CPU time still says what this code costs.
-fn cpu_seconds() -> f64 {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return 0.0 };
-    let ns: f64 = tasks
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
-        .sum();
-    ns * 1e-9
 }
 
 fn peak_rss_mb() -> f64 {
