@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use easel_core::{Loss, Optimizer, OptionError, Options, Registry};
-use easel_vgg::{Pooling, Preprocess};
+use easel_vgg::{Pooling, Preprocess, Winograd};
 use toml::Table;
 
 /// How the optimised image starts.
@@ -65,6 +65,7 @@ pub struct ModelSettings {
     pub weights: Option<PathBuf>,
     pub pooling: Pooling,
     pub preprocess: Preprocess,
+    pub winograd: Winograd,
     pub device: DeviceChoice,
 }
 
@@ -196,6 +197,11 @@ fn model_settings(o: &mut Options<'_>) -> ModelSettings {
             "preprocess",
             Preprocess::Torchvision,
             &[("torchvision", Preprocess::Torchvision), ("caffe", Preprocess::Caffe)],
+        ),
+        winograd: o.choice(
+            "winograd",
+            Winograd::Gradients,
+            &[("none", Winograd::None), ("gradients", Winograd::Gradients), ("all", Winograd::All)],
         ),
         device: device(o),
     }

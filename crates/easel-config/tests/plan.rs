@@ -2,7 +2,7 @@
 
 use easel_config::{ConfigError, ConfigLayers, Init};
 use easel_core::Registry;
-use easel_vgg::Pooling;
+use easel_vgg::{Pooling, Winograd};
 
 fn registry() -> Registry {
     Registry::new()
@@ -57,12 +57,16 @@ fn every_preset_in_configs_is_valid() {
 #[test]
 fn later_layers_override_earlier_ones() {
     let layers = ConfigLayers::defaults()
-        .with_text("daemon.toml", "[run]\nsize = 256\niterations = 10\n[model]\npooling = \"avg\"")
+        .with_text(
+            "daemon.toml",
+            "[run]\nsize = 256\niterations = 10\n[model]\npooling = \"avg\"\nwinograd = \"all\"",
+        )
         .and_then(|l| l.with_text("sidecar.toml", "[run]\nsize = 128"))
         .expect("parses");
     let plan = layers.plan(&registry()).expect("valid");
     assert_eq!((plan.run.size, plan.run.iterations), (128, 10));
     assert_eq!(plan.model.pooling, Pooling::Avg);
+    assert_eq!(plan.model.winograd, Winograd::All);
     assert_eq!(plan.run.scale_sizes(), [128]);
 }
 
@@ -74,6 +78,9 @@ fn reports_all_errors_at_once_with_key_paths() {
 size = "big"
 sizee = 3
 iterations = 0
+
+[model]
+winograd = "sometimes"
 
 [optimizer]
 type = "lbfgs"
@@ -92,7 +99,11 @@ type = "sparkle"
 amount = 3
 "#,
     );
-    assert_eq!(errors.len(), 7, "{errors:#?}");
+    assert_eq!(errors.len(), 8, "{errors:#?}");
+    assert!(
+        errors.iter().any(|e| e.starts_with("model.winograd:") && e.contains("gradients")),
+        "{errors:#?}"
+    );
     assert!(errors.contains(&"run.size: expected an integer, got string \"big\"".to_string()), "{errors:#?}");
     assert!(errors.iter().any(|e| e.starts_with("run.sizee: unknown key; known keys:")));
     assert!(errors.contains(&"run.iterations: must be in [1, 1000000], got 0".to_string()));

@@ -15,7 +15,7 @@ use easel_config::{ConfigLayers, DeviceChoice, OutputFormat, Plan};
 use easel_core::{LayerId, Registry};
 use easel_engine::checkpoint::write_atomically;
 use easel_engine::{load_image, save_image, Checkpoint, StyleRun};
-use easel_vgg::{Pooling, Preprocess, Vgg19, WeightsFile};
+use easel_vgg::{Pooling, Preprocess, Vgg19, WeightsFile, Winograd};
 use serde_json::{json, Value};
 
 use crate::claim::{remove_job_dir, ClaimedJob, OUTCOME};
@@ -32,7 +32,7 @@ const ERROR: &str = ".error.txt";
 const RESULT: &str = ".result";
 const PROVENANCE: &str = ".result.json";
 
-type VggKey = (LayerId, Pooling, Preprocess, DeviceChoice);
+type VggKey = (LayerId, Pooling, Preprocess, Winograd, DeviceChoice);
 
 /// What every worker shares: the root, the plugins, the weights (mapped once), the current
 /// daemon config, the stop flag and the status board.
@@ -74,13 +74,15 @@ impl<'r> Shared<'r> {
 
     fn vgg_for(&self, plan: &Plan) -> Result<Vgg19, JobError> {
         let deepest = plan.losses.iter().flat_map(|l| l.loss.layers()).max().unwrap_or(LayerId::Pixels);
-        let key = (deepest, plan.model.pooling, plan.model.preprocess, plan.model.device);
+        let key =
+            (deepest, plan.model.pooling, plan.model.preprocess, plan.model.winograd, plan.model.device);
         let mut cache = self.vggs.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, vgg)) = cache.iter().find(|(k, _)| *k == key) {
             return Ok(vgg.clone());
         }
         let device = easel_engine::device(plan.model.device)?;
-        let vgg = Vgg19::load(&self.weights, deepest, plan.model.pooling, plan.model.preprocess, &device)?;
+        let vgg = Vgg19::load(&self.weights, deepest, plan.model.pooling, plan.model.preprocess, &device)?
+            .with_winograd(plan.model.winograd);
         cache.push((key, vgg.clone()));
         Ok(vgg)
     }

@@ -13,10 +13,16 @@ use measure::cpu_seconds;
 
 use candle_core::{Device, Tensor};
 
-// The kernels are private to easel-vgg; the bench compiles the same file.
+// The kernels are private to easel-vgg; the bench compiles the same files.
 #[allow(dead_code)]
 #[path = "../src/conv/kernels.rs"]
 mod kernels;
+#[allow(dead_code)]
+#[path = "../src/conv/simd.rs"]
+mod simd;
+#[allow(dead_code)]
+#[path = "../src/conv/winograd.rs"]
+mod winograd;
 
 use kernels::{Conv3x3, Epilogue};
 
@@ -145,12 +151,17 @@ fn main() -> candle_core::Result<()> {
     }
     let (h0, w0) = (size * 3 / 4, size);
     println!("VGG-19 3x3 convs at {w0}x{h0}, {} threads, median of {reps}", rayon::current_num_threads());
-    println!("GFLOP/s as `wall/per-CPU-second`: the second is what one core does, whatever else runs");
+    println!("GFLOP/s as `wall/per-CPU-second`: the second is what one core does, whatever else runs;");
     println!(
-        "{:<8} {:>5} {:>5} {:>7} | {:>11} {:>11} | {:>11} {:>11}",
-        "layer", "c_in", "c_out", "pixels", "fwd easel", "fwd candle", "grad easel", "grad candle"
+        "Winograd's are direct-convolution FLOPs over its time (F(4x4) does 1/4 of the multiplications,"
     );
-    let (mut total_easel, mut total_candle) = (0.0, 0.0);
+    println!("F(2x2) 4/9; each layer takes the tiles `easel` would give it)");
+    println!(
+        "{:<8} {:>5} {:>5} {:>7} | {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9}",
+        "layer", "c_in", "c_out", "pixels", "fwd", "fwd wino", "fwd cndl", "grad", "grad wino", "grad cndl"
+    );
+    // Seconds of one pass over all 13 convs: forward and gradient, direct / Winograd / candle.
+    let mut totals = [[0f64; 3]; 2];
     for &(name, c_in, c_out, down) in LAYERS {
         let (h, w) = (h0 / down, w0 / down);
         let fwd = Conv3x3 { c_in, c_out, height: h, width: w };
@@ -161,9 +172,28 @@ fn main() -> candle_core::Result<()> {
         let b = noise(c_out, 4);
         let gflop = 18.0 * (c_in * c_out * h * w) as f64 / 1e9;
         let rate = |(wall, cpu): (f64, f64)| format!("{:.0}/{:.0}", gflop / wall, gflop / cpu.max(1e-9));
-        let fe = time(reps, || drop(fwd.run(&x, &k, Epilogue::Bias(&b), false)));
-        let ge = time(reps, || drop(grad.run(&g, &k, Epilogue::None, false)));
-        total_easel += (fe.0 + ge.0) * repeats(name) as f64;
+        let n = repeats(name) as f64;
+        let fd = time(reps, || drop(fwd.run(&x, &k, Epilogue::Bias(&b), false)));
+        let gd = time(reps, || drop(grad.run(&g, &k, Epilogue::None, false)));
+        let fw = winograd::choose(&fwd)
+            .map(|t| time(reps, || drop(winograd::run(t, &fwd, &x, &k, Epilogue::Bias(&b), false))));
+        let gw = winograd::choose(&grad)
+            .map(|t| time(reps, || drop(winograd::run(t, &grad, &g, &k, Epilogue::None, false))));
+        if fw.is_none() {
+            totals[0][1] += fd.0 * n;
+        }
+        if gw.is_none() {
+            totals[1][1] += gd.0 * n;
+        }
+        let mut cell = |pass: usize, path: usize, t: Option<(f64, f64)>| match t {
+            Some(t) => {
+                totals[pass][path] += t.0 * n;
+                rate(t)
+            }
+            None => "-".to_string(),
+        };
+        let (fe, ge) = (cell(0, 0, Some(fd)), cell(1, 0, Some(gd)));
+        let (fw, gw) = (cell(0, 1, fw), cell(1, 1, gw));
         let (fc, gc) = if candle {
             let dev = Device::Cpu;
             let xt = Tensor::from_slice(&x, (1, c_in, h, w), &dev)?;
@@ -173,21 +203,19 @@ fn main() -> candle_core::Result<()> {
             let bt = Tensor::from_slice(&b, (1, c_out, 1, 1), &dev)?;
             let fc = time(reps, || drop(xt.conv2d(&kt, 1, 1, 1, 1).and_then(|y| y.broadcast_add(&bt))));
             let gc = time(reps, || drop(gt.conv2d(&kf, 1, 1, 1, 1)));
-            total_candle += (fc.0 + gc.0) * repeats(name) as f64;
-            (rate(fc), rate(gc))
+            (cell(0, 2, Some(fc)), cell(1, 2, Some(gc)))
         } else {
             ("-".into(), "-".into())
         };
         println!(
-            "{name:<8} {c_in:>5} {c_out:>5} {:>7} | {:>11} {fc:>11} | {:>11} {gc:>11}",
-            h * w,
-            rate(fe),
-            rate(ge),
+            "{name:<8} {c_in:>5} {c_out:>5} {:>7} | {fe:>9} {fw:>9} {fc:>9} | {ge:>9} {gw:>9} {gc:>9}",
+            h * w
         );
     }
-    println!("forward + input gradient of all 13 convs to relu5_1: easel {total_easel:.3} s");
-    if candle {
-        println!("                                                  candle {total_candle:.3} s");
+    println!("seconds for all 13 convs to relu5_1 (Winograd's column counts the direct path where it does not apply):");
+    for (pass, name) in [(0, "forward"), (1, "gradient")] {
+        let [direct, wino, candle_s] = totals[pass];
+        println!("  {name:<8} direct {direct:.3}  winograd {wino:.3}  candle {candle_s:.3}");
     }
     Ok(())
 }

@@ -5,6 +5,8 @@
 //! candle's `conv2d`. The two paths agree to float rounding (see the tests).
 
 mod kernels;
+mod simd;
+mod winograd;
 
 use candle_core::{DType, Device, Result, Storage, Tensor};
 
@@ -12,17 +14,47 @@ use crate::model::relu_pool::{self, ReluGate};
 pub(crate) use kernels::{positive_bits, Gate};
 use kernels::{Conv3x3, Epilogue};
 
+/// Which convolutions of a pass run as Winograd F(4x4, 3x3) on the CPU (where the shape suits
+/// it: see [`winograd::suits`]); the others run direct.
+///
+/// Winograd does a quarter of the multiplications but rounds about 10x more coarsely, and
+/// not the same way at every position of its 4x4 tiles. In forward passes that rounding can
+/// flip ReLU and max-pooling decisions (exact ties in flat image regions, near-ties anywhere)
+/// the way an f64 reference would not take them; in the input gradient it only perturbs the
+/// values a little. Hence the default: gradients only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Winograd {
+    /// Direct everywhere: the most accurate, and exact ties stay ties.
+    None,
+    /// Input gradients only (the golden tests pass unchanged).
+    #[default]
+    Gradients,
+    /// Forward passes too: fastest; features within ~1e-6 (relative) of the direct path's,
+    /// but max-pooling and ReLU decisions near ties may differ from an exact reference's.
+    All,
+}
+
+impl Winograd {
+    fn forward(self) -> bool {
+        self == Winograd::All
+    }
+
+    fn gradients(self) -> bool {
+        self != Winograd::None
+    }
+}
+
 /// `conv3x3(x, w) + b` with padding 1, stride 1; `bias` is `[1, C_out, 1, 1]`.
-pub fn forward(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    if let Some(y) = forward_cpu(x, weight, bias, false)? {
+pub fn forward(x: &Tensor, weight: &Tensor, bias: &Tensor, mode: Winograd) -> Result<Tensor> {
+    if let Some(y) = conv_cpu(x, weight, Post::Bias(bias), false, mode.forward())? {
         return Ok(y);
     }
     forward_candle(x, weight, bias)
 }
 
 /// `relu(conv3x3(x, w) + b)`: [`forward`] and ReLU in one pass over the output on the CPU.
-pub fn forward_relu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    if let Some(y) = forward_cpu(x, weight, bias, true)? {
+pub fn forward_relu(x: &Tensor, weight: &Tensor, bias: &Tensor, mode: Winograd) -> Result<Tensor> {
+    if let Some(y) = conv_cpu(x, weight, Post::Bias(bias), true, mode.forward())? {
         return Ok(y);
     }
     forward_candle(x, weight, bias)?.relu()
@@ -33,8 +65,8 @@ pub fn forward_relu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor
 /// For a stride-1, pad-1 3x3 convolution this is again such a convolution, with the kernel
 /// flipped in both spatial axes and input/output channels swapped (`flipped`, prepared once
 /// at load time). No kernel gradient is computed: the weights are frozen.
-pub fn input_grad(grad_out: &Tensor, flipped: &Tensor) -> Result<Tensor> {
-    if let Some(g) = conv_cpu(grad_out, flipped, Post::None, false)? {
+pub fn input_grad(grad_out: &Tensor, flipped: &Tensor, mode: Winograd) -> Result<Tensor> {
+    if let Some(g) = conv_cpu(grad_out, flipped, Post::None, false, mode.gradients())? {
         return Ok(g);
     }
     input_grad_candle(grad_out, flipped)
@@ -48,10 +80,6 @@ fn input_grad_candle(grad_out: &Tensor, flipped: &Tensor) -> Result<Tensor> {
     grad_out.conv2d(flipped, 1, 1, 1, 1)
 }
 
-fn forward_cpu(x: &Tensor, weight: &Tensor, bias: &Tensor, relu: bool) -> Result<Option<Tensor>> {
-    conv_cpu(x, weight, Post::Bias(bias), relu)
-}
-
 /// [`input_grad`], then the backward pass of the ReLU whose output was this convolution's
 /// input: `(input_grad + add) * gate`, where `add` is that ReLU's own upstream gradient.
 pub(crate) fn input_grad_gated(
@@ -59,9 +87,11 @@ pub(crate) fn input_grad_gated(
     flipped: &Tensor,
     add: Option<&Tensor>,
     gate: &ReluGate,
+    mode: Winograd,
 ) -> Result<Tensor> {
     let add = add.map(relu_pool::contiguous_f32).transpose()?;
-    if let Some(g) = conv_cpu(grad_out, flipped, Post::Gate { add: add.as_ref(), gate }, false)? {
+    let post = Post::Gate { add: add.as_ref(), gate };
+    if let Some(g) = conv_cpu(grad_out, flipped, post, false, mode.gradients())? {
         return Ok(g);
     }
     relu_pool::relu_backward(&input_grad_candle(grad_out, flipped)?, add.as_ref(), gate)
@@ -75,9 +105,16 @@ enum Post<'a> {
     Gate { add: Option<&'a Tensor>, gate: &'a ReluGate },
 }
 
-/// Runs the convolution on [`kernels`] when every operand is a contiguous f32 tensor in CPU
-/// memory with the expected shapes; `None` sends the caller to candle's path.
-fn conv_cpu(x: &Tensor, kernel: &Tensor, post: Post<'_>, relu: bool) -> Result<Option<Tensor>> {
+/// Runs the convolution on [`kernels`] (or [`winograd`] if `winograd` and the shape suits it)
+/// when every operand is a contiguous f32 tensor in CPU memory with the expected shapes;
+/// `None` sends the caller to candle's path.
+fn conv_cpu(
+    x: &Tensor,
+    kernel: &Tensor,
+    post: Post<'_>,
+    relu: bool,
+    winograd: bool,
+) -> Result<Option<Tensor>> {
     let on_cpu = |t: &Tensor| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32;
     let (batch, c_in, height, width) = x.dims4()?;
     let (c_out, k_in, kh, kw) = kernel.dims4()?;
@@ -99,14 +136,21 @@ fn conv_cpu(x: &Tensor, kernel: &Tensor, post: Post<'_>, relu: bool) -> Result<O
     let (Some(x_data), Some(k)) = (cpu_slice(&x_storage, x_layout), cpu_slice(&k_storage, k_layout)) else {
         return Ok(None);
     };
+    let one = |image: &[f32], epilogue: Epilogue<'_>| {
+        if let Some(tile) = winograd.then(|| winograd::choose(&shape)).flatten() {
+            winograd::run(tile, &shape, image, k, epilogue, relu)
+        } else {
+            shape.run(image, k, epilogue, relu)
+        }
+    };
     let run = |epilogue: Epilogue<'_>| -> Vec<f32> {
         if batch == 1 {
-            return shape.run(x_data, k, epilogue, relu);
+            return one(x_data, epilogue);
         }
         let per_image = c_in * height * width;
         let mut out = Vec::with_capacity(out_len);
         for image in x_data.chunks_exact(per_image.max(1)).take(batch) {
-            out.extend_from_slice(&shape.run(image, k, epilogue, relu));
+            out.extend_from_slice(&one(image, epilogue));
         }
         out
     };
@@ -172,9 +216,12 @@ mod tests {
     }
 
     const SHAPES: &[(usize, usize, usize, usize)] = &[
-        // (c_in, c_out, height, width): conv1_1, small and odd images, wide channel counts.
-        (3, 64, 33, 47),
+        // (c_in, c_out, height, width): conv1_1, small and odd images, wide channel counts;
+        // the first three are large enough for Winograd's F(4x4) and F(2x2) tiles.
+        (64, 64, 40, 36),
+        (16, 32, 37, 33),
         (64, 64, 24, 32),
+        (3, 64, 33, 47),
         (64, 128, 17, 9),
         (128, 256, 7, 5),
         (256, 512, 5, 3),
@@ -183,35 +230,59 @@ mod tests {
         (1, 3, 2, 13),
     ];
 
+    /// Largest relative error (max |difference| over max |value|) allowed against candle's
+    /// f32 convolution: the direct path's rounding, or Winograd's (about 10x coarser).
+    fn tolerance(mode: Winograd) -> f32 {
+        if mode == Winograd::None {
+            1e-5
+        } else {
+            1e-4
+        }
+    }
+
     #[test]
     fn forward_matches_candle() {
+        for mode in [Winograd::None, Winograd::All] {
+            forward_matches_candle_in(mode);
+        }
+    }
+
+    fn forward_matches_candle_in(mode: Winograd) {
+        let tol = tolerance(mode);
         for (i, &(c_in, c_out, h, w)) in SHAPES.iter().enumerate() {
             let x = random((1, c_in, h, w), i as u64);
             let k =
                 (random((c_out, c_in, 3, 3), 100 + i as u64) * (1.0 / (9.0 * c_in as f64).sqrt())).unwrap();
             let b = random((1, c_out, 1, 1), 200 + i as u64);
-            let fast = forward(&x, &k, &b).unwrap();
+            let fast = forward(&x, &k, &b, mode).unwrap();
             let slow = forward_candle(&x, &k, &b).unwrap();
             assert_eq!(fast.dims(), slow.dims());
             let err = rel_err(&fast, &slow);
-            assert!(err < 1e-5, "{c_in}->{c_out} at {h}x{w}: relative error {err}");
-            let fused = forward_relu(&x, &k, &b).unwrap();
+            assert!(err < tol, "{mode:?} {c_in}->{c_out} at {h}x{w}: relative error {err}");
+            let fused = forward_relu(&x, &k, &b, mode).unwrap();
             let err = rel_err(&fused, &slow.relu().unwrap());
-            assert!(err < 1e-5, "{c_in}->{c_out} at {h}x{w} with ReLU: relative error {err}");
+            assert!(err < tol, "{mode:?} {c_in}->{c_out} at {h}x{w} with ReLU: relative error {err}");
         }
     }
 
     #[test]
     fn input_grad_matches_candle() {
+        for mode in [Winograd::None, Winograd::Gradients] {
+            input_grad_matches_candle_in(mode);
+        }
+    }
+
+    fn input_grad_matches_candle_in(mode: Winograd) {
+        let tol = tolerance(mode);
         for (i, &(c_in, c_out, h, w)) in SHAPES.iter().enumerate() {
             // The gradient conv maps c_out channels back to c_in (3 for conv1_1).
             let g = random((1, c_out, h, w), 300 + i as u64);
             let flipped = random((c_in, c_out, 3, 3), 400 + i as u64);
-            let fast = input_grad(&g, &flipped).unwrap();
+            let fast = input_grad(&g, &flipped, mode).unwrap();
             let slow = input_grad_candle(&g, &flipped).unwrap();
             assert_eq!(fast.dims(), slow.dims());
             let err = rel_err(&fast, &slow);
-            assert!(err < 1e-5, "grad {c_out}->{c_in} at {h}x{w}: relative error {err}");
+            assert!(err < tol, "{mode:?} grad {c_out}->{c_in} at {h}x{w}: relative error {err}");
         }
     }
 
@@ -220,11 +291,13 @@ mod tests {
         let x = random((2, 8, 6, 5), 7);
         let k = random((4, 8, 3, 3), 8);
         let b = random((1, 4, 1, 1), 9);
-        let err = rel_err(&forward(&x, &k, &b).unwrap(), &forward_candle(&x, &k, &b).unwrap());
+        let err =
+            rel_err(&forward(&x, &k, &b, Winograd::None).unwrap(), &forward_candle(&x, &k, &b).unwrap());
         assert!(err < 1e-5, "batch of 2: {err}");
         // A transposed (non-contiguous) input goes through candle's path and still agrees.
         let xt = random((1, 8, 5, 6), 10).transpose(2, 3).unwrap();
-        let err = rel_err(&forward(&xt, &k, &b).unwrap(), &forward_candle(&xt, &k, &b).unwrap());
+        let err =
+            rel_err(&forward(&xt, &k, &b, Winograd::None).unwrap(), &forward_candle(&xt, &k, &b).unwrap());
         assert!(err < 1e-5, "transposed input: {err}");
     }
 }
@@ -255,7 +328,7 @@ mod accuracy {
             let b = Tensor::zeros((1, c_out, 1, 1), DType::F32, &Device::Cpu).unwrap();
             let exact =
                 x.to_dtype(DType::F64).unwrap().conv2d(&k.to_dtype(DType::F64).unwrap(), 1, 1, 1, 1).unwrap();
-            let ours = distance(&forward(&x, &k, &b).unwrap(), &exact);
+            let ours = distance(&forward(&x, &k, &b, Winograd::None).unwrap(), &exact);
             let candle = distance(&forward_candle(&x, &k, &b).unwrap(), &exact);
             assert!(ours <= candle * 1.05, "{c_in}->{c_out}: fast {ours:.3e} vs candle {candle:.3e}");
         }

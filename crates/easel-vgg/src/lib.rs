@@ -8,6 +8,7 @@ mod model;
 pub mod synth;
 pub mod weights;
 
+pub use conv::Winograd;
 pub use error::VggError;
 pub use model::{Pooling, Preprocess, Trace, Vgg19};
 pub use weights::{Inspection, TensorSummary, WeightsFile};

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor};
 use easel_core::{FeatureMaps, LayerId};
 
-use crate::{conv, VggError, WeightsFile, CONVS};
+use crate::{conv, VggError, WeightsFile, Winograd, CONVS};
 use relu_pool::{ReluGate, Routing};
 
 /// How the stack pools between blocks (2x2, stride 2).
@@ -69,6 +69,7 @@ pub struct Vgg19 {
     depth: LayerId,
     pooling: Pooling,
     preprocess: Preprocess,
+    winograd: Winograd,
     mean: Tensor,
     scale: Tensor,
     device: Device,
@@ -135,10 +136,17 @@ impl Vgg19 {
             depth,
             pooling,
             preprocess,
+            winograd: Winograd::default(),
             mean: Tensor::from_slice(&mean, (1, 3, 1, 1), device)?,
             scale: Tensor::from_slice(&scale, (1, 3, 1, 1), device)?,
             device: device.clone(),
         })
+    }
+
+    /// The same model with its convolutions run as `mode` says (default: [`Winograd::Gradients`]).
+    pub fn with_winograd(mut self, mode: Winograd) -> Self {
+        self.winograd = mode;
+        self
     }
 
     /// The device the weights live on.
@@ -218,9 +226,9 @@ impl Vgg19 {
                     let ConvWeights { weight, bias, .. } = &self.convs[k];
                     rectified = Some(index + 1) <= last && op(index + 1) == Op::Relu && tap(index).is_none();
                     if rectified {
-                        conv::forward_relu(&x, weight, bias)?
+                        conv::forward_relu(&x, weight, bias, self.winograd)?
                     } else {
-                        conv::forward(&x, weight, bias)?
+                        conv::forward(&x, weight, bias, self.winograd)?
                     }
                 }
                 Op::Relu if fused => x,
@@ -277,7 +285,7 @@ impl Vgg19 {
             }
             let Some(g) = grad.take() else { continue };
             grad = Some(match op(index) {
-                Op::Conv(k) => conv::input_grad(&g, &self.convs[k].flipped)?,
+                Op::Conv(k) => conv::input_grad(&g, &self.convs[k].flipped, self.winograd)?,
                 Op::Relu => {
                     let out = &trace.relu_outputs[&index];
                     (g * out.gt(0f32)?.to_dtype(DType::F32)?)?
@@ -338,9 +346,15 @@ impl Vgg19 {
                 Op::Conv(k) if index > 0 && op(index - 1) == Op::Relu => {
                     folded = true;
                     let add = taps_at(index - 1)?;
-                    conv::input_grad_gated(&g, &self.convs[k].flipped, add.as_ref(), gate(index - 1)?)?
+                    conv::input_grad_gated(
+                        &g,
+                        &self.convs[k].flipped,
+                        add.as_ref(),
+                        gate(index - 1)?,
+                        self.winograd,
+                    )?
                 }
-                Op::Conv(k) => conv::input_grad(&g, &self.convs[k].flipped)?,
+                Op::Conv(k) => conv::input_grad(&g, &self.convs[k].flipped, self.winograd)?,
                 Op::Relu => relu_pool::relu_backward(&g, None, gate(index)?)?,
                 Op::Pool => {
                     // Every pool of VGG-19 follows a ReLU.

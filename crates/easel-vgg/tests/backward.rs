@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use easel_core::LayerId;
-use easel_vgg::{Pooling, Preprocess, Vgg19, WeightsFile, CONVS};
+use easel_vgg::{Pooling, Preprocess, Vgg19, WeightsFile, Winograd, CONVS};
 
 /// 2x2 pooling from reshapes and reductions, whose autograd is exact. (candle 0.11's own
 /// pooling backward differs from PyTorch: max pooling scales the gradient by 1/4, and average
@@ -97,9 +97,19 @@ fn input_gradient_matches_autograd_at_odd_sizes() {
     let x = pseudo_random(0, 0.0, 1.0, &[1, 3, 37, 45]);
     let taps = [LayerId::Relu1_1, LayerId::Pool1, LayerId::Conv3_1, LayerId::Relu4_2, LayerId::Relu5_1];
     let indices: Vec<usize> = taps.iter().map(|t| t.features_index().unwrap()).collect();
-    for (pooling, preprocess) in [(Pooling::Max, Preprocess::Torchvision), (Pooling::Avg, Preprocess::Caffe)]
-    {
-        let vgg = Vgg19::load(&weights, LayerId::Relu5_1, pooling, preprocess, &dev).unwrap();
+    // Winograd in the gradients only keeps the direct path's accuracy; in the forward pass too,
+    // its coarser rounding can flip a ReLU whose input is within ~1e-6 of zero (or a max-pool
+    // near-tie), which moves whole entries of the gradient: a looser bound.
+    let cases = [
+        (Pooling::Max, Preprocess::Torchvision, Winograd::Gradients, 1e-5),
+        (Pooling::Avg, Preprocess::Caffe, Winograd::Gradients, 1e-5),
+        (Pooling::Max, Preprocess::Torchvision, Winograd::None, 1e-5),
+        (Pooling::Avg, Preprocess::Caffe, Winograd::All, 1e-3),
+        (Pooling::Max, Preprocess::Torchvision, Winograd::All, 1e-3),
+    ];
+    for (pooling, preprocess, mode, tolerance) in cases {
+        let vgg =
+            Vgg19::load(&weights, LayerId::Relu5_1, pooling, preprocess, &dev).unwrap().with_winograd(mode);
         let (features, trace) = vgg.forward_traced(&x, &taps).unwrap();
         // d/dF of sum(F * R) is R: random upstream gradients at every tap, plus the pixels.
         let upstream: Vec<(LayerId, Tensor)> = features
@@ -124,6 +134,7 @@ fn input_gradient_matches_autograd_at_odd_sizes() {
             (&ours - expected).unwrap().to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap();
         let norm = expected.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap();
         let rel = (diff.to_scalar::<f64>().unwrap() / norm.to_scalar::<f64>().unwrap()).sqrt();
-        assert!(rel < 1e-5, "{pooling:?}/{preprocess:?}: relative L2 error {rel:.2e}");
+        eprintln!("{pooling:?}/{preprocess:?}/{mode:?}: relative L2 error {rel:.2e}");
+        assert!(rel < tolerance, "{pooling:?}/{preprocess:?}/{mode:?}: relative L2 error {rel:.2e}");
     }
 }

@@ -108,6 +108,28 @@ impl Conv3x3 {
     /// `input` is `[c_in, height, width]`, `kernel` is `[c_out, c_in, 3, 3]` (row-major);
     /// the result is `[c_out, height, width]`.
     pub fn run(&self, input: &[f32], kernel: &[f32], epilogue: Epilogue<'_>, relu: bool) -> Vec<f32> {
+        self.check(input, kernel, epilogue);
+        let p = self.pixels();
+        let mut out = vec![0f32; self.c_out * p];
+        if p == 0 || self.c_out == 0 {
+            return out;
+        }
+        let ranges = self.chunks(rayon::current_num_threads());
+        let parts = split_planes(&mut out, p, &ranges);
+        parts.into_par_iter().zip(ranges).for_each(|(mut rows, range)| {
+            SCRATCH.with(|scratch| {
+                let (col, product) = &mut *scratch.borrow_mut();
+                let start = range.start;
+                self.chunk(input, kernel, range, col, product);
+                store(&mut rows, product, epilogue, relu, start, p);
+            })
+        });
+        out
+    }
+
+    /// Panics unless the operands have this convolution's shapes: `input` `[c_in, h, w]`,
+    /// `kernel` `[c_out, c_in, 3, 3]`, and the epilogue's bias, gradient and gate to match.
+    pub(super) fn check(&self, input: &[f32], kernel: &[f32], epilogue: Epilogue<'_>) {
         let p = self.pixels();
         assert_eq!(input.len(), self.c_in * p, "conv input is not [c_in, h, w]");
         assert_eq!(kernel.len(), self.c_out * self.c_in * 9, "conv kernel is not [c_out, c_in, 3, 3]");
@@ -121,30 +143,6 @@ impl Conv3x3 {
                 assert!(gate.len() >= self.c_out * p, "ReLU gate is not [c_out, h, w]");
             }
         }
-        let mut out = vec![0f32; self.c_out * p];
-        if p == 0 || self.c_out == 0 {
-            return out;
-        }
-        let ranges = self.chunks(rayon::current_num_threads());
-        // Every chunk owns one slice of each output row: safe parallel writes without locks.
-        let mut parts: Vec<Vec<&mut [f32]>> = ranges.iter().map(|_| Vec::with_capacity(self.c_out)).collect();
-        for row in out.chunks_mut(p) {
-            let mut rest = row;
-            for (part, range) in parts.iter_mut().zip(&ranges) {
-                let (mine, tail) = rest.split_at_mut(range.len());
-                part.push(mine);
-                rest = tail;
-            }
-        }
-        parts.into_par_iter().zip(ranges).for_each(|(mut rows, range)| {
-            SCRATCH.with(|scratch| {
-                let (col, product) = &mut *scratch.borrow_mut();
-                let start = range.start;
-                self.chunk(input, kernel, range, col, product);
-                store(&mut rows, product, epilogue, relu, start, p);
-            })
-        });
-        out
     }
 
     /// `product = kernel * im2col(input)[.., range]`, `[c_out, range.len()]`.
@@ -221,6 +219,60 @@ fn shifted_row(plane: &[f32], h: usize, w: usize, iy: isize, x0: usize, kx: usiz
     }
 }
 
+/// Cuts every `plane`-long channel plane of `out` at the boundaries of `ranges` (consecutive
+/// ranges covering `0..plane`): part `i` holds range `i` of each plane, so that tasks can
+/// write their own parts in parallel without locks.
+pub(super) fn split_planes<'a>(
+    out: &'a mut [f32],
+    plane: usize,
+    ranges: &[Range<usize>],
+) -> Vec<Vec<&'a mut [f32]>> {
+    let mut parts: Vec<Vec<&mut [f32]>> = ranges.iter().map(|_| Vec::new()).collect();
+    for row in out.chunks_mut(plane) {
+        let mut rest = row;
+        for (part, range) in parts.iter_mut().zip(ranges) {
+            let (mine, tail) = rest.split_at_mut(range.len());
+            part.push(mine);
+            rest = tail;
+        }
+    }
+    parts
+}
+
+/// Applies the epilogue (and ReLU) in place to output slices that hold raw products; the
+/// slices hold output pixels `start..` of planes of `plane` pixels.
+pub(super) fn finish(
+    rows: &mut [&mut [f32]],
+    epilogue: Epilogue<'_>,
+    relu: bool,
+    start: usize,
+    plane: usize,
+) {
+    for (co, dst) in rows.iter_mut().enumerate() {
+        let n = dst.len();
+        match epilogue {
+            Epilogue::None if !relu => {}
+            Epilogue::None => dst.iter_mut().for_each(|d| *d = d.max(0.0)),
+            Epilogue::Bias(bias) => {
+                let b = bias[co];
+                if relu {
+                    dst.iter_mut().for_each(|d| *d = (*d + b).max(0.0));
+                } else {
+                    dst.iter_mut().for_each(|d| *d += b);
+                }
+            }
+            Epilogue::Gate { add, gate } => {
+                let first = co * plane + start;
+                let add = add.map(|a| &a[first..first + n]);
+                for (j, d) in dst.iter_mut().enumerate() {
+                    let g = *d + add.map_or(0.0, |a| a[j]);
+                    *d = if gate.open(first + j) { g } else { 0.0 };
+                }
+            }
+        }
+    }
+}
+
 /// Copies each channel's row of `product` into the output slices with the epilogue; the
 /// slices hold output pixels `start..` of planes of `plane` pixels.
 fn store(
@@ -256,15 +308,23 @@ fn store(
 
 /// A matrix read from `data[i * row_stride + j * col_stride]`.
 #[derive(Clone, Copy)]
-struct Strided<'a> {
-    data: &'a [f32],
-    row_stride: usize,
-    col_stride: usize,
+pub(super) struct Strided<'a> {
+    pub data: &'a [f32],
+    pub row_stride: usize,
+    pub col_stride: usize,
 }
 
 /// `dst[m, n] (+)= lhs[m, k] * rhs[k, n]` (`+=` if `accumulate`), `rhs` and `dst` dense
 /// row-major, on the calling thread.
-fn matmul(m: usize, n: usize, k: usize, lhs: Strided<'_>, rhs: &[f32], dst: &mut [f32], accumulate: bool) {
+pub(super) fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Strided<'_>,
+    rhs: &[f32],
+    dst: &mut [f32],
+    accumulate: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -311,7 +371,7 @@ fn matmul(m: usize, n: usize, k: usize, lhs: Strided<'_>, rhs: &[f32], dst: &mut
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// Straightforward direct convolution in f64: the reference.
@@ -343,7 +403,8 @@ mod tests {
         out
     }
 
-    fn noise(n: usize, seed: u64) -> Vec<f32> {
+    /// Uniform values in [-1, 1) from a fixed seed.
+    pub(in super::super) fn noise(n: usize, seed: u64) -> Vec<f32> {
         let mut z = seed;
         (0..n)
             .map(|_| {

@@ -1,0 +1,579 @@
+//! Winograd F(4x4, 3x3) for the 3x3 same-padding convolutions: 36 multiplications per 16
+//! output pixels and input channel instead of 144.
+//!
+//! Each 4x4 tile of output pixels comes from the 6x6 input patch around it: the patch is
+//! transformed (`B^T d B`), multiplied elementwise by the transformed kernel (`G g G^T`),
+//! summed over input channels and transformed back (`A^T m A`). The sums over input channels
+//! are 36 independent products `[c_out, c_in] x [c_in, tiles]`, which `gemm` runs; the
+//! transforms run on 16 tiles at a time, lane by lane, so that the compiler vectorises them.
+//!
+//! Work is cut into blocks of whole tile rows: a block owns four pixel rows of every output
+//! plane per tile row, so blocks write their parts of the output in parallel, and its
+//! transformed input and products stay within [`BLOCK_BUDGET_BYTES`].
+//!
+//! Rounding here depends on a pixel's place in its tile, so equal input patches can give
+//! outputs one or two ulps apart where [`super::kernels`] gives bit-equal ones; the error
+//! against exact arithmetic is of the same order as the direct path's (see the tests).
+
+use std::cell::RefCell;
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::kernels::{finish, matmul, split_planes, Conv3x3, Epilogue, Strided};
+use super::simd::{self, Kernel};
+
+/// Tiles transformed together: one AVX-512 register of f32 per value, or a few narrower ones.
+const LANES: usize = 16;
+
+/// Upper bound on one task's transformed input plus products (one tile row may exceed it).
+const BLOCK_BUDGET_BYTES: usize = 8 << 20;
+
+/// Input channels per product, summed by `gemm` into the result: short f32 accumulation
+/// chains, as in the direct path.
+const CHANNEL_BLOCK: usize = 64;
+
+/// Up to six values per lane: one row or column of a patch (F(2x2) uses the first four).
+type Six = [[f32; LANES]; 6];
+
+/// Which Winograd algorithm: the output tile side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tile {
+    /// F(2x2, 3x3): 16 multiplications per 4 outputs (2.25x fewer than direct); rounding
+    /// error within about 1.5x of the direct path's.
+    F2,
+    /// F(4x4, 3x3): 36 multiplications per 16 outputs (4x fewer); rounding error about 10x
+    /// the direct path's (the products of the transformed values are summed in f32).
+    F4,
+}
+
+impl Tile {
+    /// Output tile side.
+    const fn m(self) -> usize {
+        match self {
+            Tile::F2 => 2,
+            Tile::F4 => 4,
+        }
+    }
+
+    /// Input patch side.
+    const fn n(self) -> usize {
+        self.m() + 2
+    }
+
+    /// `G`, the kernel transform (`n` rows), applied in f64 so that each transformed tap
+    /// is rounded once.
+    fn g(self) -> &'static [[f64; 3]] {
+        const G2: [[f64; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
+        // Interpolation points 0, 1, -1, 2, -2 and infinity.
+        const G4: [[f64; 3]; 6] = [
+            [1.0 / 4.0, 0.0, 0.0],
+            [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+            [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+            [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+            [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+            [0.0, 0.0, 1.0],
+        ];
+        match self {
+            Tile::F2 => &G2,
+            Tile::F4 => &G4,
+        }
+    }
+}
+
+/// `B^T d` along one axis of a patch, for `n` values per lane.
+#[inline(always)]
+fn input_1d(tile: Tile, d: &Six) -> Six {
+    let mut o = [[0f32; LANES]; 6];
+    match tile {
+        Tile::F2 => {
+            for l in 0..LANES {
+                let [d0, d1, d2, d3] = [d[0][l], d[1][l], d[2][l], d[3][l]];
+                o[0][l] = d0 - d2;
+                o[1][l] = d1 + d2;
+                o[2][l] = d2 - d1;
+                o[3][l] = d1 - d3;
+            }
+        }
+        Tile::F4 => {
+            for l in 0..LANES {
+                let [d0, d1, d2, d3, d4, d5] = [d[0][l], d[1][l], d[2][l], d[3][l], d[4][l], d[5][l]];
+                o[0][l] = 4.0 * d0 - 5.0 * d2 + d4;
+                o[1][l] = -4.0 * (d1 + d2) + (d3 + d4);
+                o[2][l] = 4.0 * (d1 - d2) + (d4 - d3);
+                o[3][l] = 2.0 * (d3 - d1) + (d4 - d2);
+                o[4][l] = 2.0 * (d1 - d3) + (d4 - d2);
+                o[5][l] = 4.0 * d1 - 5.0 * d3 + d5;
+            }
+        }
+    }
+    o
+}
+
+/// `A^T m` along one axis: `m` values per lane from `n`.
+#[inline(always)]
+fn output_1d(tile: Tile, v: &Six) -> [[f32; LANES]; 4] {
+    let mut o = [[0f32; LANES]; 4];
+    match tile {
+        Tile::F2 => {
+            for l in 0..LANES {
+                let [m0, m1, m2, m3] = [v[0][l], v[1][l], v[2][l], v[3][l]];
+                o[0][l] = m0 + m1 + m2;
+                o[1][l] = m1 - m2 - m3;
+            }
+        }
+        Tile::F4 => {
+            for l in 0..LANES {
+                let [m0, m1, m2, m3, m4, m5] = [v[0][l], v[1][l], v[2][l], v[3][l], v[4][l], v[5][l]];
+                let (s12, d12, s34, d34) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
+                o[0][l] = m0 + s12 + s34;
+                o[1][l] = d12 + 2.0 * d34;
+                o[2][l] = s12 + 4.0 * s34;
+                o[3][l] = d12 + 8.0 * d34 + m5;
+            }
+        }
+    }
+    o
+}
+
+thread_local! {
+    /// Per-thread scratch reused across calls: the transformed input, then the products.
+    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Whether Winograd pays off for this shape: with few channels the transforms cost more
+/// than the products save (conv1_1 and its gradient), and on images of a few tiles the
+/// kernel transform outweighs them.
+pub fn suits(tile: Tile, s: &Conv3x3) -> bool {
+    let tiles = s.height.div_ceil(tile.m()) * s.width.div_ceil(tile.m());
+    s.c_in >= 16 && s.c_out >= 16 && tiles >= 64
+}
+
+/// The tiles for this shape: the larger where the image has enough of them, else the
+/// smaller; `None` where neither pays off.
+pub fn choose(s: &Conv3x3) -> Option<Tile> {
+    [Tile::F4, Tile::F2].into_iter().find(|&t| suits(t, s))
+}
+
+/// `conv3x3(input, kernel)` with padding 1, then `epilogue`, then ReLU if `relu`; the same
+/// contract as [`Conv3x3::run`].
+pub fn run(
+    tile: Tile,
+    s: &Conv3x3,
+    input: &[f32],
+    kernel: &[f32],
+    epilogue: Epilogue<'_>,
+    relu: bool,
+) -> Vec<f32> {
+    s.check(input, kernel, epilogue);
+    let (h, w, m, nn) = (s.height, s.width, tile.m(), tile.n() * tile.n());
+    let plane = h * w;
+    let mut out = vec![0f32; s.c_out * plane];
+    if plane == 0 || s.c_out == 0 {
+        return out;
+    }
+    let u = transform_kernel(tile, s, kernel);
+    let tiles_x = w.div_ceil(m);
+    let blocks = row_blocks(tile, s, rayon::current_num_threads());
+    let pixels: Vec<Range<usize>> = blocks.iter().map(|b| m * b.start * w..(m * b.end).min(h) * w).collect();
+    let parts = split_planes(&mut out, plane, &pixels);
+    parts.into_par_iter().zip(blocks).zip(pixels).for_each(|((mut rows, block), pixels)| {
+        SCRATCH.with(|scratch| {
+            let (v, prod) = &mut *scratch.borrow_mut();
+            let tiles = block.len() * tiles_x;
+            v.resize(nn * s.c_in * tiles, 0.0);
+            prod.resize(nn * s.c_out * tiles, 0.0);
+            simd::widest(InputTransform { tile, s, input, rows: block.clone(), v });
+            for xi in 0..nn {
+                for first in (0..s.c_in).step_by(CHANNEL_BLOCK) {
+                    let k = CHANNEL_BLOCK.min(s.c_in - first);
+                    // u[co, xi, ci] is at (co * nn + xi) * c_in + ci.
+                    let lhs =
+                        Strided { data: &u[xi * s.c_in + first..], row_stride: nn * s.c_in, col_stride: 1 };
+                    let rhs = &v[(xi * s.c_in + first) * tiles..];
+                    let dst = &mut prod[xi * s.c_out * tiles..][..s.c_out * tiles];
+                    matmul(s.c_out, tiles, k, lhs, rhs, dst, first > 0);
+                }
+            }
+            simd::widest(OutputTransform { tile, s, p: prod, rows: block, out: &mut rows });
+            finish(&mut rows, epilogue, relu, pixels.start, plane);
+        })
+    });
+    out
+}
+
+/// Splits the tile rows into blocks: a multiple of the thread count, each within the budget.
+fn row_blocks(tile: Tile, s: &Conv3x3, threads: usize) -> Vec<Range<usize>> {
+    let (tiles_y, tiles_x) = (s.height.div_ceil(tile.m()), s.width.div_ceil(tile.m()));
+    let nn = tile.n() * tile.n();
+    let row_bytes = nn * (s.c_in + s.c_out) * tiles_x * std::mem::size_of::<f32>();
+    let by_memory = (row_bytes * tiles_y).div_ceil(BLOCK_BUDGET_BYTES);
+    let threads = threads.max(1);
+    let n = (by_memory.max(threads).div_ceil(threads) * threads).min(tiles_y).max(1);
+    let len = tiles_y.div_ceil(n);
+    (0..tiles_y).step_by(len).map(|start| start..(start + len).min(tiles_y)).collect()
+}
+
+/// `U = G g G^T` for every (output, input) channel pair, laid out `u[co, xi, ci]` with
+/// `xi = n row + column` of the n x n result.
+fn transform_kernel(tile: Tile, s: &Conv3x3, kernel: &[f32]) -> Vec<f32> {
+    let (c_in, n, g_mat) = (s.c_in, tile.n(), tile.g());
+    let mut u = vec![0f32; s.c_out * n * n * c_in];
+    u.par_chunks_mut(n * n * c_in)
+        .zip(kernel.par_chunks(9 * c_in))
+        .for_each(|(dst, g_co)| simd::widest(KernelTransform { g_mat, c_in, g_co, dst }));
+    u
+}
+
+/// [`transform_kernel_row`], compiled for the CPU's vector unit.
+struct KernelTransform<'a> {
+    g_mat: &'static [[f64; 3]],
+    c_in: usize,
+    g_co: &'a [f32],
+    dst: &'a mut [f32],
+}
+
+impl Kernel for KernelTransform<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        transform_kernel_row(self.g_mat, self.c_in, self.g_co, self.dst)
+    }
+}
+
+/// [`transform_input`], compiled for the CPU's vector unit.
+struct InputTransform<'a> {
+    tile: Tile,
+    s: &'a Conv3x3,
+    input: &'a [f32],
+    rows: Range<usize>,
+    v: &'a mut [f32],
+}
+
+impl Kernel for InputTransform<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        transform_input(self.tile, self.s, self.input, self.rows, self.v)
+    }
+}
+
+/// [`transform_output`], compiled for the CPU's vector unit.
+struct OutputTransform<'a, 'b> {
+    tile: Tile,
+    s: &'a Conv3x3,
+    p: &'a [f32],
+    rows: Range<usize>,
+    out: &'a mut [&'b mut [f32]],
+}
+
+impl Kernel for OutputTransform<'_, '_> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        transform_output(self.tile, self.s, self.p, self.rows, self.out)
+    }
+}
+
+/// [`transform_kernel`] for one output channel: `g_co` is `[c_in, 3, 3]`, `dst` `[n * n, c_in]`.
+#[inline(always)]
+fn transform_kernel_row(g_mat: &[[f64; 3]], c_in: usize, g_co: &[f32], dst: &mut [f32]) {
+    let n = g_mat.len();
+    for first in (0..c_in).step_by(LANES) {
+        let lanes = LANES.min(c_in - first);
+        // g[tap][lane] for input channels first..first + lanes.
+        let mut g = [[0f64; LANES]; 9];
+        for lane in 0..lanes {
+            for (tap, row) in g.iter_mut().enumerate() {
+                row[lane] = f64::from(g_co[(first + lane) * 9 + tap]);
+            }
+        }
+        // t = G g: n x 3.
+        let mut t = [[[0f64; LANES]; 3]; 6];
+        for (tr, gr) in t.iter_mut().zip(g_mat) {
+            for (b, tb) in tr.iter_mut().enumerate() {
+                for lane in 0..LANES {
+                    tb[lane] = gr[0] * g[b][lane] + gr[1] * g[3 + b][lane] + gr[2] * g[6 + b][lane];
+                }
+            }
+        }
+        // U = t G^T: n x n.
+        for (r, tr) in t.iter().take(n).enumerate() {
+            for (c, gc) in g_mat.iter().enumerate() {
+                let out = &mut dst[(r * n + c) * c_in + first..][..lanes];
+                for (lane, o) in out.iter_mut().enumerate() {
+                    *o = (tr[0][lane] * gc[0] + tr[1][lane] * gc[1] + tr[2][lane] * gc[2]) as f32;
+                }
+            }
+        }
+    }
+}
+
+/// Transposes the grid of lane vectors: `t[a][b] = g[b][a]`.
+#[inline(always)]
+fn transpose(g: &[Six; 6]) -> [Six; 6] {
+    let mut t = [[[0f32; LANES]; 6]; 6];
+    for (a, ta) in t.iter_mut().enumerate() {
+        for (b, tab) in ta.iter_mut().enumerate() {
+            *tab = g[b][a];
+        }
+    }
+    t
+}
+
+/// `v[xi, ci, tile] = (B^T d B)[xi]` for the n x n input patch `d` of every tile of the
+/// tile rows `rows` (tiles numbered row by row from the block's first).
+#[inline(always)]
+fn transform_input(tile: Tile, s: &Conv3x3, input: &[f32], rows: Range<usize>, v: &mut [f32]) {
+    let (h, w, m, n) = (s.height, s.width, tile.m(), tile.n());
+    let tiles_x = w.div_ceil(m);
+    let tiles = rows.len() * tiles_x;
+    // cols[c][r][lane]: column c, row r of lane's patch, zero outside the image. Every lane in
+    // use is rewritten for each group of tiles; the others hold stale values never stored.
+    let mut cols = [[[0f32; LANES]; 6]; 6];
+    for (ci, plane) in input.chunks_exact(h * w).enumerate() {
+        for ty in rows.clone() {
+            for tx0 in (0..tiles_x).step_by(LANES) {
+                let lanes = LANES.min(tiles_x - tx0);
+                // Patches of this group start at column x0 + m * lane.
+                let x0 = (m * tx0) as isize - 1;
+                let interior = lanes == LANES && x0 >= 0 && x0 as usize + m * (LANES - 1) + n <= w;
+                for r in 0..n {
+                    let y = (m * ty + r) as isize - 1;
+                    if y < 0 || y >= h as isize {
+                        cols.iter_mut().take(n).for_each(|col| col[r] = [0.0; LANES]);
+                        continue;
+                    }
+                    let row = &plane[y as usize * w..][..w];
+                    if interior {
+                        for (c, col) in cols.iter_mut().enumerate().take(n) {
+                            let src = &row[x0 as usize + c..][..m * (LANES - 1) + 1];
+                            for (lane, value) in col[r].iter_mut().enumerate() {
+                                *value = src[m * lane];
+                            }
+                        }
+                        continue;
+                    }
+                    for lane in 0..lanes {
+                        let start = x0 + (m * lane) as isize;
+                        for (c, col) in cols.iter_mut().enumerate().take(n) {
+                            let x = start + c as isize;
+                            col[r][lane] = if x >= 0 && x < w as isize { row[x as usize] } else { 0.0 };
+                        }
+                    }
+                }
+                // Along the rows of each column, then along the columns of each result row.
+                let mut down = [[[0f32; LANES]; 6]; 6];
+                for (d, col) in down.iter_mut().zip(&cols).take(n) {
+                    *d = input_1d(tile, col);
+                }
+                let across = transpose(&down);
+                let first = (ty - rows.start) * tiles_x + tx0;
+                for (r, row) in across.iter().enumerate().take(n) {
+                    let out = input_1d(tile, row);
+                    for (c, values) in out.iter().enumerate().take(n) {
+                        let xi = r * n + c;
+                        let dst = &mut v[(xi * s.c_in + ci) * tiles + first..];
+                        if lanes == LANES {
+                            // A fixed length: register stores instead of a call to memcpy.
+                            dst[..LANES].copy_from_slice(values);
+                        } else {
+                            dst[..lanes].copy_from_slice(&values[..lanes]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Writes `A^T p A` of the products `p[xi, co, tile]` into the block's output rows (raw
+/// sums: the epilogue comes after).
+#[inline(always)]
+fn transform_output(tile: Tile, s: &Conv3x3, p: &[f32], rows: Range<usize>, out: &mut [&mut [f32]]) {
+    let (h, w, m, n) = (s.height, s.width, tile.m(), tile.n());
+    let tiles_x = w.div_ceil(m);
+    let tiles = rows.len() * tiles_x;
+    let y_base = m * rows.start;
+    // cols[c][r][lane] = p[n r + c] of lane's tile (stale beyond the lanes in use).
+    let mut cols = [[[0f32; LANES]; 6]; 6];
+    for (co, dst) in out.iter_mut().enumerate() {
+        for ty in rows.clone() {
+            for tx0 in (0..tiles_x).step_by(LANES) {
+                let lanes = LANES.min(tiles_x - tx0);
+                let first = (ty - rows.start) * tiles_x + tx0;
+                for (c, col) in cols.iter_mut().enumerate().take(n) {
+                    for (r, values) in col.iter_mut().enumerate().take(n) {
+                        let src = &p[((r * n + c) * s.c_out + co) * tiles + first..];
+                        if lanes == LANES {
+                            values.copy_from_slice(&src[..LANES]);
+                        } else {
+                            values[..lanes].copy_from_slice(&src[..lanes]);
+                        }
+                    }
+                }
+                // Along the rows of each column (m results), then along the columns.
+                let mut down = [[[0f32; LANES]; 6]; 4];
+                for (c, col) in cols.iter().enumerate().take(n) {
+                    for (i, values) in output_1d(tile, col).into_iter().enumerate().take(m) {
+                        down[i][c] = values;
+                    }
+                }
+                let x0 = m * tx0;
+                let interior = lanes == LANES && x0 + m * LANES <= w;
+                for (i, row) in down.iter().enumerate().take(m) {
+                    let y = m * ty + i;
+                    if y >= h {
+                        break;
+                    }
+                    let values = output_1d(tile, row);
+                    let line = &mut dst[(y - y_base) * w..][..w];
+                    if interior {
+                        let line = &mut line[x0..][..m * LANES];
+                        for (j, out_j) in values.iter().enumerate().take(m) {
+                            for (lane, &value) in out_j.iter().enumerate() {
+                                line[m * lane + j] = value;
+                            }
+                        }
+                        continue;
+                    }
+                    for lane in 0..lanes {
+                        let x = x0 + m * lane;
+                        for (j, out_j) in values.iter().enumerate().take(w.saturating_sub(x).min(m)) {
+                            line[x + j] = out_j[lane];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::kernels::tests::noise;
+    use super::*;
+
+    /// Direct convolution in f64, plus bias.
+    fn exact(s: &Conv3x3, input: &[f32], kernel: &[f32], bias: &[f32]) -> Vec<f64> {
+        let (h, w) = (s.height as isize, s.width as isize);
+        let mut out = vec![0f64; s.c_out * s.height * s.width];
+        for co in 0..s.c_out {
+            for y in 0..h {
+                for x in 0..w {
+                    let mut acc = f64::from(bias[co]);
+                    for ci in 0..s.c_in {
+                        for t in 0..9isize {
+                            let (iy, ix) = (y + t / 3 - 1, x + t % 3 - 1);
+                            if iy >= 0 && iy < h && ix >= 0 && ix < w {
+                                let v = input[(ci * s.height + iy as usize) * s.width + ix as usize];
+                                let k = kernel[(co * s.c_in + ci) * 9 + t as usize];
+                                acc += f64::from(v) * f64::from(k);
+                            }
+                        }
+                    }
+                    out[(co * s.height + y as usize) * s.width + x as usize] = acc;
+                }
+            }
+        }
+        out
+    }
+
+    /// Relative L2 error of `got` against `want`, and the same for the direct path.
+    fn errors(tile: Tile, s: &Conv3x3, seed: u64) -> (f64, f64) {
+        let input = noise(s.c_in * s.height * s.width, seed);
+        let scale = (2.0 / (9.0 * s.c_in as f32)).sqrt();
+        let kernel: Vec<f32> = noise(s.c_out * s.c_in * 9, seed + 1).iter().map(|k| k * scale).collect();
+        let bias = noise(s.c_out, seed + 2);
+        let want = exact(s, &input, &kernel, &bias);
+        let l2 = |got: &[f32]| {
+            let (mut d, mut n) = (0f64, 0f64);
+            for (&g, &e) in got.iter().zip(&want) {
+                d += (f64::from(g) - e).powi(2);
+                n += e * e;
+            }
+            (d / n).sqrt()
+        };
+        let ours = run(tile, s, &input, &kernel, Epilogue::Bias(&bias), false);
+        let direct = s.run(&input, &kernel, Epilogue::Bias(&bias), false);
+        for (i, (&g, &e)) in ours.iter().zip(&want).enumerate() {
+            assert!((f64::from(g) - e).abs() <= 1e-4 * (1.0 + e.abs()), "{s:?} at {i}: {g} vs {e}");
+        }
+        (l2(&ours), l2(&direct))
+    }
+
+    #[test]
+    fn matches_exact_convolution_on_ragged_tiles() {
+        // Sides that are not multiples of the tile, a single tile, channel counts that are
+        // not multiples of the lane or channel block.
+        for tile in [Tile::F2, Tile::F4] {
+            for (i, &(c_in, c_out, height, width)) in
+                [(16, 16, 4, 4), (17, 19, 5, 7), (16, 24, 9, 34), (70, 33, 13, 6), (130, 20, 6, 21)]
+                    .iter()
+                    .enumerate()
+            {
+                let s = Conv3x3 { c_in, c_out, height, width };
+                let (ours, direct) = errors(tile, &s, 10 * i as u64);
+                let bound = if tile == Tile::F2 { 3.0 } else { 20.0 };
+                assert!(ours < bound * direct, "{tile:?} {s:?}: winograd {ours:.2e} vs direct {direct:.2e}");
+            }
+        }
+    }
+
+    /// The error bounds behind the choice of F(2x2) for forward passes (whose max-pooling
+    /// decisions are sensitive to rounding) and F(4x4) for gradients (which are not).
+    #[test]
+    fn accuracy_on_vgg_shapes() {
+        for &(c_in, c_out, height, width) in &[(64, 64, 24, 32), (256, 256, 12, 16), (512, 512, 8, 8)] {
+            let s = Conv3x3 { c_in, c_out, height, width };
+            for (tile, bound) in [(Tile::F2, 2.0), (Tile::F4, 16.0)] {
+                let (ours, direct) = errors(tile, &s, 7);
+                assert!(ours < bound * direct, "{tile:?} {s:?}: winograd {ours:.2e} vs direct {direct:.2e}");
+            }
+        }
+    }
+
+    #[test]
+    fn epilogues_match_the_direct_path() {
+        let s = Conv3x3 { c_in: 32, c_out: 24, height: 11, width: 10 };
+        let p = s.height * s.width;
+        let input = noise(s.c_in * p, 1);
+        let kernel = noise(s.c_out * s.c_in * 9, 2);
+        let bias = noise(s.c_out, 3);
+        let add = noise(s.c_out * p, 4);
+        let gate_values = noise(s.c_out * p, 5);
+        let bits = super::super::kernels::positive_bits(&gate_values);
+        let gate = super::super::kernels::Gate::Bits(&bits);
+        for tile in [Tile::F2, Tile::F4] {
+            for (epilogue, relu) in [
+                (Epilogue::None, false),
+                (Epilogue::Bias(&bias), true),
+                (Epilogue::Gate { add: Some(&add), gate }, false),
+                (Epilogue::Gate { add: None, gate }, false),
+            ] {
+                let ours = run(tile, &s, &input, &kernel, epilogue, relu);
+                let direct = s.run(&input, &kernel, epilogue, relu);
+                for (i, (a, b)) in ours.iter().zip(&direct).enumerate() {
+                    let ok = (a - b).abs() <= 1e-4 * (1.0 + b.abs());
+                    assert!(ok, "{tile:?} {epilogue:?} relu {relu} at {i}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn blocks_cover_every_tile_row_once() {
+        for &(c_in, h, w) in &[(64, 384, 512), (512, 24, 32), (512, 4, 4), (16, 1000, 3000), (16, 5, 3)] {
+            let s = Conv3x3 { c_in, c_out: c_in, height: h, width: w };
+            for tile in [Tile::F2, Tile::F4] {
+                let tiles_y = h.div_ceil(tile.m());
+                for threads in 1..4 {
+                    let blocks = row_blocks(tile, &s, threads);
+                    assert_eq!(blocks.first().map(|r| r.start), Some(0));
+                    assert_eq!(blocks.last().map(|r| r.end), Some(tiles_y));
+                    assert!(blocks.windows(2).all(|p| p[0].end == p[1].start && !p[0].is_empty()));
+                }
+            }
+        }
+    }
+}
