@@ -9,8 +9,13 @@ tools so that any background load hits both alike. Prints a table of seconds per
 JSON line with every raw result.
 
     tests/perf/compare.py [--sizes 128,256,512] [--iters 8] [--repeats 1] [--threads 2]
+                          [--winograd gradients,all]
                           [--python /work/torch-venv/bin/python] [--easel target/release/easel]
                           [--weights W.safetensors] [--goal 0.8] [--rss-goal-mb 600]
+
+Each mode of --winograd is a separate easel run (`[model] winograd = MODE` in a config file):
+`gradients` is easel's default, `all` also runs the forward passes as Winograd, `none` is all
+direct convolution.
 
 Weights default to `easel weights synth --seed 0` written to a temporary folder. The PyTorch
 interpreter defaults to $TORCH_PYTHON, then /work/torch-venv/bin/python, then python3.
@@ -77,6 +82,8 @@ def main():
     ap.add_argument("--weights")
     ap.add_argument("--content", default=os.path.join(ROOT, "tests", "data", "content.png"))
     ap.add_argument("--style", default=os.path.join(ROOT, "tests", "data", "style.png"))
+    ap.add_argument("--winograd", default="gradients,all",
+                    help="easel's model.winograd settings to run, comma-separated (none, gradients, all)")
     ap.add_argument("--only", choices=["easel", "torch"], help="run one tool only")
     ap.add_argument("--goal", type=float, default=0.8, help="target ratio easel/torch")
     ap.add_argument("--rss-goal-mb", type=float, default=600.0, help="target easel peak RSS at 512 px")
@@ -89,23 +96,32 @@ def main():
         subprocess.run([args.easel, "weights", "synth", "--seed", "0", "--out", weights], check=True,
                        stdout=subprocess.DEVNULL)
     sizes = [int(s) for s in args.sizes.split(",") if s]
+    modes = [m for m in args.winograd.split(",") if m]
+    for mode in modes:
+        with open(os.path.join(tmp, f"{mode}.toml"), "w") as fh:
+            fh.write(f'[model]\nwinograd = "{mode}"\n')
     results = []
     for size in sizes:
-        easel_cmd = [args.easel, "--threads", str(args.threads), "bench", "--content", args.content,
-                     "--style", args.style, "--weights", weights, "--size", str(size),
-                     "--iterations", str(args.iters), "--optimizer", "adam", "--json"]
+        tools = []
+        for mode in modes:
+            tools.append((f"easel:{mode}", [
+                args.easel, "--threads", str(args.threads), "bench", "--content", args.content,
+                "--style", args.style, "--weights", weights, "--size", str(size),
+                "--config", os.path.join(tmp, f"{mode}.toml"),
+                "--iterations", str(args.iters), "--optimizer", "adam", "--json"]))
         # easel's default job: content 1 on relu4_2, gram 1e6 on relu1_1..relu5_1, tv 1e-3.
-        torch_cmd = [args.python, os.path.join(HERE, "gatys_torch.py"), "--content", args.content,
-                     "--style", args.style, "--weights", weights, "--size", str(size),
-                     "--iters", str(args.iters), "--optimizer", "adam", "--style-weight", "1e6",
-                     "--tv-weight", "1e-3", "--threads", str(args.threads)]
+        tools.append(("torch", [
+            args.python, os.path.join(HERE, "gatys_torch.py"), "--content", args.content,
+            "--style", args.style, "--weights", weights, "--size", str(size),
+            "--iters", str(args.iters), "--optimizer", "adam", "--style-weight", "1e6",
+            "--tv-weight", "1e-3", "--threads", str(args.threads)]))
         best = {}
         for _ in range(args.repeats):
-            for tool, cmd in (("easel", easel_cmd), ("torch", torch_cmd)):
-                if args.only and tool != args.only:
+            for tool, cmd in tools:
+                if args.only and not tool.startswith(args.only):
                     continue
                 res, other = run_json(cmd)
-                if tool == "easel":
+                if tool.startswith("easel"):
                     s, rss, loss0 = res["s_per_iter"], res["peak_rss_mb"], res["loss_first"]
                 else:
                     s, rss, loss0 = res["iter_s_median"], res["peak_rss_mb"], res["initial_loss"]["total"]
@@ -114,17 +130,19 @@ def main():
                     best[tool] = row
         results.append(dict(size=size, **best))
 
-    print(f"{'size':>5} {'easel s/eval':>13} {'torch s/eval':>13} {'ratio':>7} {'easel RSS MB':>13} "
-          f"{'torch RSS MB':>13} {'other cpu e/t':>14} {'loss0 e/t':>10}")
+    print(f"{'size':>5} {'winograd':>9} {'easel s/eval':>13} {'torch s/eval':>13} {'ratio':>7} "
+          f"{'easel RSS MB':>13} {'torch RSS MB':>13} {'other cpu e/t':>14} {'loss0 e/t':>10}")
     for r in results:
-        e, t = r.get("easel"), r.get("torch")
-        ratio = e["s_per_eval"] / t["s_per_eval"] if e and t else float("nan")
-        loss_ratio = e["loss_first"] / t["loss_first"] if e and t else float("nan")
-        f = lambda d, k, fmt: format(d[k], fmt) if d else "-"
-        print(f"{r['size']:>5} {f(e, 's_per_eval', '13.4f')} {f(t, 's_per_eval', '13.4f')} {ratio:7.3f} "
-              f"{f(e, 'peak_rss_mb', '13.0f')} {f(t, 'peak_rss_mb', '13.0f')} "
-              f"{(format(e['other_cpu'], '.2f') if e else '-'):>6}/{(format(t['other_cpu'], '.2f') if t else '-'):<7} "
-              f"{loss_ratio:10.4f}")
+        t = r.get("torch")
+        for mode in modes if not args.only == "torch" else ["-"]:
+            e = r.get(f"easel:{mode}")
+            ratio = e["s_per_eval"] / t["s_per_eval"] if e and t else float("nan")
+            loss_ratio = e["loss_first"] / t["loss_first"] if e and t else float("nan")
+            f = lambda d, k, fmt: format(d[k], fmt) if d else "-"
+            print(f"{r['size']:>5} {mode:>9} {f(e, 's_per_eval', '13.4f')} {f(t, 's_per_eval', '13.4f')} "
+                  f"{ratio:7.3f} {f(e, 'peak_rss_mb', '13.0f')} {f(t, 'peak_rss_mb', '13.0f')} "
+                  f"{(format(e['other_cpu'], '.2f') if e else '-'):>6}/"
+                  f"{(format(t['other_cpu'], '.2f') if t else '-'):<7} {loss_ratio:10.4f}")
     print(f"goal: ratio <= {args.goal} at 256 and 512 px; easel peak RSS <= {args.rss_goal_mb:.0f} MB at 512 px "
           f"(torch RSS includes its ~300 MB of libraries)")
     print(json.dumps(dict(threads=args.threads, iters=args.iters, repeats=args.repeats, weights=weights,
