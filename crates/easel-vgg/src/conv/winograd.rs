@@ -600,6 +600,28 @@ mod tests {
         }
     }
 
+    /// The AVX-512, AVX2 and baseline builds of the transforms give the same bits (those this
+    /// CPU has: on an AVX-512 machine, all three).
+    #[test]
+    fn every_vector_unit_gives_the_same_bits() {
+        let s = Conv3x3 { c_in: 24, c_out: 20, height: 13, width: 150 };
+        let input = noise(s.c_in * s.height * s.width, 3);
+        let kernel = noise(s.c_out * s.c_in * 9, 4);
+        let bias = noise(s.c_out, 5);
+        for tile in [Tile::F2, Tile::F4] {
+            let runs: Vec<Vec<u32>> = [simd::Level::Baseline, simd::Level::Avx2, simd::Level::Avx512]
+                .into_iter()
+                .map(|level| {
+                    simd::cap(level);
+                    let out = run(tile, &s, &input, &kernel, Epilogue::Bias(&bias), true);
+                    out.iter().map(|v| v.to_bits()).collect()
+                })
+                .collect();
+            simd::cap(simd::Level::Avx512);
+            assert!(runs.windows(2).all(|p| p[0] == p[1]), "{tile:?}: the variants differ");
+        }
+    }
+
     #[test]
     fn blocks_cover_every_tile_row_once() {
         for &(c_in, h, w) in &[(64, 384, 512), (512, 24, 32), (512, 4, 4), (16, 1000, 3000), (16, 5, 3)] {
