@@ -24,7 +24,7 @@ mod simd;
 #[path = "../src/conv/winograd.rs"]
 mod winograd;
 
-use kernels::{Conv3x3, Epilogue};
+use kernels::{Conv3x3, Epilogue, Taps};
 
 /// (name, c_in, c_out, downsampling) of every conv up to conv5_1.
 const LAYERS: &[(&str, usize, usize, usize)] = &[
@@ -173,12 +173,14 @@ fn main() -> candle_core::Result<()> {
         let gflop = 18.0 * (c_in * c_out * h * w) as f64 / 1e9;
         let rate = |(wall, cpu): (f64, f64)| format!("{:.0}/{:.0}", gflop / wall, gflop / cpu.max(1e-9));
         let n = repeats(name) as f64;
-        let fd = time(reps, || drop(fwd.run(&x, &k, Epilogue::Bias(&b), false)));
-        let gd = time(reps, || drop(grad.run(&g, &k, Epilogue::None, false)));
-        let fw = winograd::choose(&fwd)
-            .map(|t| time(reps, || drop(winograd::run(t, &fwd, &x, &k, Epilogue::Bias(&b), false))));
-        let gw = winograd::choose(&grad)
-            .map(|t| time(reps, || drop(winograd::run(t, &grad, &g, &k, Epilogue::None, false))));
+        let fd = time(reps, || drop(fwd.run(&x, Taps::Plain(&k), Epilogue::Bias(&b), false)));
+        let gd = time(reps, || drop(grad.run(&g, Taps::FlippedOf(&k), Epilogue::None, false)));
+        let fw = winograd::choose(&fwd).map(|t| {
+            time(reps, || drop(winograd::run(t, &fwd, &x, Taps::Plain(&k), Epilogue::Bias(&b), false)))
+        });
+        let gw = winograd::choose(&grad).map(|t| {
+            time(reps, || drop(winograd::run(t, &grad, &g, Taps::FlippedOf(&k), Epilogue::None, false)))
+        });
         if fw.is_none() {
             totals[0][1] += fd.0 * n;
         }

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Result, Storage, Tensor};
 
 use crate::model::relu_pool::{self, ReluGate};
 pub(crate) use kernels::{positive_bits, Gate};
-use kernels::{Conv3x3, Epilogue};
+use kernels::{Conv3x3, Epilogue, Taps};
 
 /// Which convolutions of a pass run as Winograd F(4x4, 3x3) on the CPU (where the shape suits
 /// it: see [`winograd::suits`]); the others run direct.
@@ -46,7 +46,7 @@ impl Winograd {
 
 /// `conv3x3(x, w) + b` with padding 1, stride 1; `bias` is `[1, C_out, 1, 1]`.
 pub fn forward(x: &Tensor, weight: &Tensor, bias: &Tensor, mode: Winograd) -> Result<Tensor> {
-    if let Some(y) = conv_cpu(x, weight, Post::Bias(bias), false, mode.forward())? {
+    if let Some(y) = conv_cpu(x, weight, false, Post::Bias(bias), false, mode.forward())? {
         return Ok(y);
     }
     forward_candle(x, weight, bias)
@@ -54,7 +54,7 @@ pub fn forward(x: &Tensor, weight: &Tensor, bias: &Tensor, mode: Winograd) -> Re
 
 /// `relu(conv3x3(x, w) + b)`: [`forward`] and ReLU in one pass over the output on the CPU.
 pub fn forward_relu(x: &Tensor, weight: &Tensor, bias: &Tensor, mode: Winograd) -> Result<Tensor> {
-    if let Some(y) = conv_cpu(x, weight, Post::Bias(bias), true, mode.forward())? {
+    if let Some(y) = conv_cpu(x, weight, false, Post::Bias(bias), true, mode.forward())? {
         return Ok(y);
     }
     forward_candle(x, weight, bias)?.relu()
@@ -63,38 +63,53 @@ pub fn forward_relu(x: &Tensor, weight: &Tensor, bias: &Tensor, mode: Winograd) 
 /// Gradient w.r.t. the input of [`forward`], given the gradient of its output.
 ///
 /// For a stride-1, pad-1 3x3 convolution this is again such a convolution, with the kernel
-/// flipped in both spatial axes and input/output channels swapped (`flipped`, prepared once
-/// at load time). No kernel gradient is computed: the weights are frozen.
-pub fn input_grad(grad_out: &Tensor, flipped: &Tensor, mode: Winograd) -> Result<Tensor> {
-    if let Some(g) = conv_cpu(grad_out, flipped, Post::None, false, mode.gradients())? {
+/// `weight` (`[C_out, C_in, 3, 3]`) flipped in both spatial axes and its channel axes
+/// swapped; the CPU path reads `weight` that way in place. No kernel gradient is computed:
+/// the weights are frozen.
+pub fn input_grad(grad_out: &Tensor, weight: &Tensor, mode: Winograd) -> Result<Tensor> {
+    if let Some(g) = conv_cpu(grad_out, weight, true, Post::None, false, mode.gradients())? {
         return Ok(g);
     }
-    input_grad_candle(grad_out, flipped)
+    input_grad_candle(grad_out, weight)
 }
 
 fn forward_candle(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     x.conv2d(weight, 1, 1, 1, 1)?.broadcast_add(bias)
 }
 
-fn input_grad_candle(grad_out: &Tensor, flipped: &Tensor) -> Result<Tensor> {
-    grad_out.conv2d(flipped, 1, 1, 1, 1)
+fn input_grad_candle(grad_out: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    grad_out.conv2d(&flipped(weight)?, 1, 1, 1, 1)
+}
+
+/// `flipped[i][o][ky][kx] = weight[o][i][2 - ky][2 - kx]`: the kernel of the input gradient
+/// as candle's `conv2d` needs it (made per call on that path; the CPU path needs no copy).
+fn flipped(weight: &Tensor) -> Result<Tensor> {
+    let (c_out, c_in, kh, kw) = weight.dims4()?;
+    let reversed: Vec<u32> = (0..(kh * kw) as u32).rev().collect();
+    let reversed = Tensor::from_vec(reversed, kh * kw, weight.device())?;
+    weight
+        .reshape((c_out, c_in, kh * kw))?
+        .index_select(&reversed, 2)?
+        .reshape((c_out, c_in, kh, kw))?
+        .transpose(0, 1)?
+        .contiguous()
 }
 
 /// [`input_grad`], then the backward pass of the ReLU whose output was this convolution's
 /// input: `(input_grad + add) * gate`, where `add` is that ReLU's own upstream gradient.
 pub(crate) fn input_grad_gated(
     grad_out: &Tensor,
-    flipped: &Tensor,
+    weight: &Tensor,
     add: Option<&Tensor>,
     gate: &ReluGate,
     mode: Winograd,
 ) -> Result<Tensor> {
     let add = add.map(relu_pool::contiguous_f32).transpose()?;
     let post = Post::Gate { add: add.as_ref(), gate };
-    if let Some(g) = conv_cpu(grad_out, flipped, post, false, mode.gradients())? {
+    if let Some(g) = conv_cpu(grad_out, weight, true, post, false, mode.gradients())? {
         return Ok(g);
     }
-    relu_pool::relu_backward(&input_grad_candle(grad_out, flipped)?, add.as_ref(), gate)
+    relu_pool::relu_backward(&input_grad_candle(grad_out, weight)?, add.as_ref(), gate)
 }
 
 /// What follows the product in [`conv_cpu`].
@@ -107,17 +122,22 @@ enum Post<'a> {
 
 /// Runs the convolution on [`kernels`] (or [`winograd`] if `winograd` and the shape suits it)
 /// when every operand is a contiguous f32 tensor in CPU memory with the expected shapes;
-/// `None` sends the caller to candle's path.
+/// `None` sends the caller to candle's path. With `flip`, `kernel` is the weight of the
+/// forward convolution whose input gradient this is (see [`input_grad`]).
 fn conv_cpu(
     x: &Tensor,
     kernel: &Tensor,
+    flip: bool,
     post: Post<'_>,
     relu: bool,
     winograd: bool,
 ) -> Result<Option<Tensor>> {
     let on_cpu = |t: &Tensor| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32;
     let (batch, c_in, height, width) = x.dims4()?;
-    let (c_out, k_in, kh, kw) = kernel.dims4()?;
+    let (c_out, k_in, kh, kw) = match kernel.dims4()? {
+        (o, i, kh, kw) if flip => (i, o, kh, kw),
+        dims => dims,
+    };
     let out_len = batch * c_out * height * width;
     let post_ok = match post {
         Post::None => true,
@@ -136,6 +156,7 @@ fn conv_cpu(
     let (Some(x_data), Some(k)) = (cpu_slice(&x_storage, x_layout), cpu_slice(&k_storage, k_layout)) else {
         return Ok(None);
     };
+    let k = if flip { Taps::FlippedOf(k) } else { Taps::Plain(k) };
     let one = |image: &[f32], epilogue: Epilogue<'_>| {
         if let Some(tile) = winograd.then(|| winograd::choose(&shape)).flatten() {
             winograd::run(tile, &shape, image, k, epilogue, relu)
@@ -277,12 +298,26 @@ mod tests {
         for (i, &(c_in, c_out, h, w)) in SHAPES.iter().enumerate() {
             // The gradient conv maps c_out channels back to c_in (3 for conv1_1).
             let g = random((1, c_out, h, w), 300 + i as u64);
-            let flipped = random((c_in, c_out, 3, 3), 400 + i as u64);
-            let fast = input_grad(&g, &flipped, mode).unwrap();
-            let slow = input_grad_candle(&g, &flipped).unwrap();
+            let weight = random((c_out, c_in, 3, 3), 400 + i as u64);
+            // The reference flips the kernel by hand: flipped[i][o][t] = weight[o][i][8 - t].
+            let values = weight.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mut by_hand = vec![0f32; values.len()];
+            for o in 0..c_out {
+                for ci in 0..c_in {
+                    for t in 0..9 {
+                        by_hand[(ci * c_out + o) * 9 + 8 - t] = values[(o * c_in + ci) * 9 + t];
+                    }
+                }
+            }
+            let by_hand = Tensor::from_vec(by_hand, (c_in, c_out, 3, 3), &Device::Cpu).unwrap();
+            let slow = g.conv2d(&by_hand, 1, 1, 1, 1).unwrap();
+            let fast = input_grad(&g, &weight, mode).unwrap();
             assert_eq!(fast.dims(), slow.dims());
             let err = rel_err(&fast, &slow);
             assert!(err < tol, "{mode:?} grad {c_out}->{c_in} at {h}x{w}: relative error {err}");
+            // candle's path (other devices) flips with tensor ops.
+            let err = rel_err(&input_grad_candle(&g, &weight).unwrap(), &slow);
+            assert!(err < 1e-6, "candle's path, grad {c_out}->{c_in} at {h}x{w}: relative error {err}");
         }
     }
 

@@ -55,9 +55,9 @@ fn op(index: usize) -> Op {
 
 #[derive(Clone)]
 struct ConvWeights {
+    /// `[C_out, C_in, 3, 3]`; the input gradient reads it flipped (see [`conv::input_grad`]).
     weight: Tensor,
     bias: Tensor,
-    flipped: Tensor,
 }
 
 /// VGG-19 `features` up to some depth, with its pre-processing and pooling.
@@ -110,20 +110,9 @@ impl Vgg19 {
         for &(index, cin, cout) in CONVS.iter().take_while(|(i, _, _)| *i <= last) {
             let w = weights.read_f32(&format!("features.{index}.weight"))?;
             let b = weights.read_f32(&format!("features.{index}.bias"))?;
-            // The input gradient is a convolution with the kernel flipped in y and x and its
-            // in/out channels swapped: flipped[i][o][ky][kx] = w[o][i][2-ky][2-kx].
-            let mut flipped = vec![0f32; w.len()];
-            for o in 0..cout {
-                for i in 0..cin {
-                    for k in 0..9 {
-                        flipped[(i * cout + o) * 9 + (8 - k)] = w[(o * cin + i) * 9 + k];
-                    }
-                }
-            }
             convs.push(ConvWeights {
                 weight: Tensor::from_vec(w, (cout, cin, 3, 3), device)?,
                 bias: Tensor::from_vec(b, (1, cout, 1, 1), device)?,
-                flipped: Tensor::from_vec(flipped, (cin, cout, 3, 3), device)?,
             });
         }
         weights.release_pages();
@@ -285,7 +274,7 @@ impl Vgg19 {
             }
             let Some(g) = grad.take() else { continue };
             grad = Some(match op(index) {
-                Op::Conv(k) => conv::input_grad(&g, &self.convs[k].flipped, self.winograd)?,
+                Op::Conv(k) => conv::input_grad(&g, &self.convs[k].weight, self.winograd)?,
                 Op::Relu => {
                     let out = &trace.relu_outputs[&index];
                     (g * out.gt(0f32)?.to_dtype(DType::F32)?)?
@@ -348,13 +337,13 @@ impl Vgg19 {
                     let add = taps_at(index - 1)?;
                     conv::input_grad_gated(
                         &g,
-                        &self.convs[k].flipped,
+                        &self.convs[k].weight,
                         add.as_ref(),
                         gate(index - 1)?,
                         self.winograd,
                     )?
                 }
-                Op::Conv(k) => conv::input_grad(&g, &self.convs[k].flipped, self.winograd)?,
+                Op::Conv(k) => conv::input_grad(&g, &self.convs[k].weight, self.winograd)?,
                 Op::Relu => relu_pool::relu_backward(&g, None, gate(index)?)?,
                 Op::Pool => {
                     // Every pool of VGG-19 follows a ReLU.

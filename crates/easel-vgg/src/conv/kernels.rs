@@ -69,6 +69,47 @@ pub enum Epilogue<'a> {
     Gate { add: Option<&'a [f32]>, gate: Gate<'a> },
 }
 
+/// The 3x3 kernel a convolution applies, as it is stored.
+#[derive(Debug, Clone, Copy)]
+pub enum Taps<'a> {
+    /// `[c_out, c_in, 3, 3]`, applied as it is.
+    Plain(&'a [f32]),
+    /// The weight `[c_in, c_out, 3, 3]` of the forward convolution whose input gradient this
+    /// convolution computes: applied flipped in y and x, with its channel axes swapped. Read
+    /// in place, so that no flipped copy of the weights is kept.
+    FlippedOf(&'a [f32]),
+}
+
+impl<'a> Taps<'a> {
+    fn len(self) -> usize {
+        match self {
+            Taps::Plain(k) | Taps::FlippedOf(k) => k.len(),
+        }
+    }
+
+    /// The `[c_out, c_in - first]` matrix of tap `tap` (`3 ky + kx`) for input channels
+    /// `first..` of a convolution with `c_in` inputs and `c_out` outputs.
+    pub(super) fn matrix(self, c_in: usize, c_out: usize, tap: usize, first: usize) -> Strided<'a> {
+        match self {
+            // k[co, ci, tap] is at (co c_in + ci) 9 + tap.
+            Taps::Plain(k) => Strided { data: &k[first * 9 + tap..], row_stride: 9 * c_in, col_stride: 9 },
+            // w[ci, co, 8 - tap] is at (ci c_out + co) 9 + 8 - tap.
+            Taps::FlippedOf(w) => {
+                Strided { data: &w[first * c_out * 9 + 8 - tap..], row_stride: 9, col_stride: 9 * c_out }
+            }
+        }
+    }
+
+    /// Tap `tap` of the kernel from input channel `ci` to output channel `co`.
+    #[inline(always)]
+    pub(super) fn at(self, c_in: usize, c_out: usize, co: usize, ci: usize, tap: usize) -> f32 {
+        match self {
+            Taps::Plain(k) => k[(co * c_in + ci) * 9 + tap],
+            Taps::FlippedOf(w) => w[(ci * c_out + co) * 9 + 8 - tap],
+        }
+    }
+}
+
 /// Upper bound on one task's im2col buffer: chunks of this size keep the buffer in L2/L3
 /// and bound extra memory, and still give `gemm` products large enough to run near peak.
 const IM2COL_BUDGET_BYTES: usize = 6 << 20;
@@ -105,9 +146,8 @@ impl Conv3x3 {
 
     /// `conv3x3(input, kernel)` with padding 1, then `epilogue`, then ReLU if `relu`.
     ///
-    /// `input` is `[c_in, height, width]`, `kernel` is `[c_out, c_in, 3, 3]` (row-major);
-    /// the result is `[c_out, height, width]`.
-    pub fn run(&self, input: &[f32], kernel: &[f32], epilogue: Epilogue<'_>, relu: bool) -> Vec<f32> {
+    /// `input` is `[c_in, height, width]` (row-major); the result is `[c_out, height, width]`.
+    pub fn run(&self, input: &[f32], kernel: Taps<'_>, epilogue: Epilogue<'_>, relu: bool) -> Vec<f32> {
         self.check(input, kernel, epilogue);
         let p = self.pixels();
         let mut out = vec![0f32; self.c_out * p];
@@ -128,11 +168,11 @@ impl Conv3x3 {
     }
 
     /// Panics unless the operands have this convolution's shapes: `input` `[c_in, h, w]`,
-    /// `kernel` `[c_out, c_in, 3, 3]`, and the epilogue's bias, gradient and gate to match.
-    pub(super) fn check(&self, input: &[f32], kernel: &[f32], epilogue: Epilogue<'_>) {
+    /// a kernel of `c_out c_in 9` taps, and the epilogue's bias, gradient and gate to match.
+    pub(super) fn check(&self, input: &[f32], kernel: Taps<'_>, epilogue: Epilogue<'_>) {
         let p = self.pixels();
         assert_eq!(input.len(), self.c_in * p, "conv input is not [c_in, h, w]");
-        assert_eq!(kernel.len(), self.c_out * self.c_in * 9, "conv kernel is not [c_out, c_in, 3, 3]");
+        assert_eq!(kernel.len(), self.c_out * self.c_in * 9, "conv kernel does not have c_out c_in 9 taps");
         match epilogue {
             Epilogue::None => {}
             Epilogue::Bias(b) => assert_eq!(b.len(), self.c_out, "conv bias is not [c_out]"),
@@ -155,7 +195,7 @@ impl Conv3x3 {
     fn chunk(
         &self,
         input: &[f32],
-        kernel: &[f32],
+        kernel: Taps<'_>,
         range: Range<usize>,
         col: &mut Vec<f32>,
         product: &mut Vec<f32>,
@@ -167,9 +207,7 @@ impl Conv3x3 {
             self.im2col_tap(input, range.clone(), tap, col);
             for first in (0..self.c_in).step_by(CHANNEL_BLOCK) {
                 let k = CHANNEL_BLOCK.min(self.c_in - first);
-                // kernel[co, ci, tap] is at co * 9 c_in + ci * 9 + tap.
-                let taps =
-                    Strided { data: &kernel[first * 9 + tap..], row_stride: 9 * self.c_in, col_stride: 9 };
+                let taps = kernel.matrix(self.c_in, self.c_out, tap, first);
                 matmul(self.c_out, n, k, taps, &col[first * n..], product, tap > 0 || first > 0);
             }
         }
@@ -424,11 +462,11 @@ pub(super) mod tests {
             let kernel = noise(c_out * c_in * 9, 2);
             let bias = noise(c_out, 3);
             let want = direct(&s, &input, &kernel, &bias);
-            let got = s.run(&input, &kernel, Epilogue::Bias(&bias), false);
+            let got = s.run(&input, Taps::Plain(&kernel), Epilogue::Bias(&bias), false);
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{s:?}: {g} vs {w}");
             }
-            let got = s.run(&input, &kernel, Epilogue::Bias(&bias), true);
+            let got = s.run(&input, Taps::Plain(&kernel), Epilogue::Bias(&bias), true);
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w.max(0.0)).abs() <= 1e-5 * (1.0 + w.abs()), "{s:?} relu: {g} vs {w}");
             }

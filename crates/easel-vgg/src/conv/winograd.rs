@@ -20,7 +20,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::kernels::{finish, matmul, split_planes, Conv3x3, Epilogue, Strided};
+use super::kernels::{finish, matmul, split_planes, Conv3x3, Epilogue, Strided, Taps};
 use super::simd::{self, Kernel};
 
 /// Tiles transformed together: one AVX-512 register of f32 per value, or a few narrower ones.
@@ -139,6 +139,10 @@ fn output_1d(tile: Tile, v: &Six) -> [[f32; LANES]; 4] {
 thread_local! {
     /// Per-thread scratch reused across calls: the transformed input, then the products.
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+
+    /// The calling thread's transformed kernel, reused across calls: a fresh buffer each time
+    /// (38 MB for a 512 x 512 layer) cost more in page faults than the transform itself.
+    static TRANSFORMED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Whether Winograd pays off for this shape: with few channels the transforms cost more
@@ -161,22 +165,49 @@ pub fn run(
     tile: Tile,
     s: &Conv3x3,
     input: &[f32],
-    kernel: &[f32],
+    kernel: Taps<'_>,
     epilogue: Epilogue<'_>,
     relu: bool,
 ) -> Vec<f32> {
     s.check(input, kernel, epilogue);
-    let (h, w, m, nn) = (s.height, s.width, tile.m(), tile.n() * tile.n());
-    let plane = h * w;
+    let plane = s.height * s.width;
     let mut out = vec![0f32; s.c_out * plane];
     if plane == 0 || s.c_out == 0 {
         return out;
     }
-    let u = transform_kernel(tile, s, kernel);
+    TRANSFORMED.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut u) => {
+            transform_kernel(tile, s, kernel, &mut u);
+            run_blocks(tile, s, input, &u, epilogue, relu, &mut out);
+        }
+        // This thread is already inside `run` (rayon gave it another convolution while it
+        // waited): a buffer of its own.
+        Err(_) => {
+            let mut u = Vec::new();
+            transform_kernel(tile, s, kernel, &mut u);
+            run_blocks(tile, s, input, &u, epilogue, relu, &mut out);
+        }
+    });
+    out
+}
+
+/// The work of [`run`] once the kernel is transformed (`u`): every block of tile rows, in
+/// parallel, into `out`.
+fn run_blocks(
+    tile: Tile,
+    s: &Conv3x3,
+    input: &[f32],
+    u: &[f32],
+    epilogue: Epilogue<'_>,
+    relu: bool,
+    out: &mut [f32],
+) {
+    let (h, w, m, nn) = (s.height, s.width, tile.m(), tile.n() * tile.n());
+    let plane = h * w;
     let tiles_x = w.div_ceil(m);
     let blocks = row_blocks(tile, s, rayon::current_num_threads());
     let pixels: Vec<Range<usize>> = blocks.iter().map(|b| m * b.start * w..(m * b.end).min(h) * w).collect();
-    let parts = split_planes(&mut out, plane, &pixels);
+    let parts = split_planes(out, plane, &pixels);
     parts.into_par_iter().zip(blocks).zip(pixels).for_each(|((mut rows, block), pixels)| {
         SCRATCH.with(|scratch| {
             let (v, prod) = &mut *scratch.borrow_mut();
@@ -199,7 +230,6 @@ pub fn run(
             finish(&mut rows, epilogue, relu, pixels.start, plane);
         })
     });
-    out
 }
 
 /// Splits the tile rows into blocks: a multiple of the thread count, each within the budget.
@@ -214,22 +244,56 @@ fn row_blocks(tile: Tile, s: &Conv3x3, threads: usize) -> Vec<Range<usize>> {
     (0..tiles_y).step_by(len).map(|start| start..(start + len).min(tiles_y)).collect()
 }
 
-/// `U = G g G^T` for every (output, input) channel pair, laid out `u[co, xi, ci]` with
-/// `xi = n row + column` of the n x n result.
-fn transform_kernel(tile: Tile, s: &Conv3x3, kernel: &[f32]) -> Vec<f32> {
-    let (c_in, n, g_mat) = (s.c_in, tile.n(), tile.g());
-    let mut u = vec![0f32; s.c_out * n * n * c_in];
+/// `U = G g G^T` for every (output, input) channel pair into `u`, laid out `u[co, xi, ci]`
+/// with `xi = n row + column` of the n x n result.
+fn transform_kernel(tile: Tile, s: &Conv3x3, kernel: Taps<'_>, u: &mut Vec<f32>) {
+    let (c_in, n) = (s.c_in, tile.n());
+    u.resize(s.c_out * n * n * c_in, 0.0);
     u.par_chunks_mut(n * n * c_in)
-        .zip(kernel.par_chunks(9 * c_in))
-        .for_each(|(dst, g_co)| simd::widest(KernelTransform { g_mat, c_in, g_co, dst }));
-    u
+        .enumerate()
+        .for_each(|(co, dst)| simd::widest(KernelTransform { tile, s, kernel, co, dst }));
+}
+
+/// [`transform_kernel`] for output channel `co`: `dst` is `[n * n, c_in]`.
+#[inline(always)]
+fn transform_kernel_row(tile: Tile, s: &Conv3x3, kernel: Taps<'_>, co: usize, dst: &mut [f32]) {
+    let (c_in, n, g_mat) = (s.c_in, tile.n(), tile.g());
+    for first in (0..c_in).step_by(LANES) {
+        let lanes = LANES.min(c_in - first);
+        // g[tap][lane] for input channels first..first + lanes.
+        let mut g = [[0f64; LANES]; 9];
+        for lane in 0..lanes {
+            for (tap, row) in g.iter_mut().enumerate() {
+                row[lane] = f64::from(kernel.at(c_in, s.c_out, co, first + lane, tap));
+            }
+        }
+        // t = G g: n x 3.
+        let mut t = [[[0f64; LANES]; 3]; 6];
+        for (tr, gr) in t.iter_mut().zip(g_mat) {
+            for (b, tb) in tr.iter_mut().enumerate() {
+                for lane in 0..LANES {
+                    tb[lane] = gr[0] * g[b][lane] + gr[1] * g[3 + b][lane] + gr[2] * g[6 + b][lane];
+                }
+            }
+        }
+        // U = t G^T: n x n.
+        for (r, tr) in t.iter().take(n).enumerate() {
+            for (c, gc) in g_mat.iter().enumerate() {
+                let out = &mut dst[(r * n + c) * c_in + first..][..lanes];
+                for (lane, o) in out.iter_mut().enumerate() {
+                    *o = (tr[0][lane] * gc[0] + tr[1][lane] * gc[1] + tr[2][lane] * gc[2]) as f32;
+                }
+            }
+        }
+    }
 }
 
 /// [`transform_kernel_row`], compiled for the CPU's vector unit.
 struct KernelTransform<'a> {
-    g_mat: &'static [[f64; 3]],
-    c_in: usize,
-    g_co: &'a [f32],
+    tile: Tile,
+    s: &'a Conv3x3,
+    kernel: Taps<'a>,
+    co: usize,
     dst: &'a mut [f32],
 }
 
@@ -237,7 +301,7 @@ impl Kernel for KernelTransform<'_> {
     type Output = ();
     #[inline(always)]
     fn run(self) {
-        transform_kernel_row(self.g_mat, self.c_in, self.g_co, self.dst)
+        transform_kernel_row(self.tile, self.s, self.kernel, self.co, self.dst)
     }
 }
 
@@ -272,40 +336,6 @@ impl Kernel for OutputTransform<'_, '_> {
     #[inline(always)]
     fn run(self) {
         transform_output(self.tile, self.s, self.p, self.rows, self.out)
-    }
-}
-
-/// [`transform_kernel`] for one output channel: `g_co` is `[c_in, 3, 3]`, `dst` `[n * n, c_in]`.
-#[inline(always)]
-fn transform_kernel_row(g_mat: &[[f64; 3]], c_in: usize, g_co: &[f32], dst: &mut [f32]) {
-    let n = g_mat.len();
-    for first in (0..c_in).step_by(LANES) {
-        let lanes = LANES.min(c_in - first);
-        // g[tap][lane] for input channels first..first + lanes.
-        let mut g = [[0f64; LANES]; 9];
-        for lane in 0..lanes {
-            for (tap, row) in g.iter_mut().enumerate() {
-                row[lane] = f64::from(g_co[(first + lane) * 9 + tap]);
-            }
-        }
-        // t = G g: n x 3.
-        let mut t = [[[0f64; LANES]; 3]; 6];
-        for (tr, gr) in t.iter_mut().zip(g_mat) {
-            for (b, tb) in tr.iter_mut().enumerate() {
-                for lane in 0..LANES {
-                    tb[lane] = gr[0] * g[b][lane] + gr[1] * g[3 + b][lane] + gr[2] * g[6 + b][lane];
-                }
-            }
-        }
-        // U = t G^T: n x n.
-        for (r, tr) in t.iter().take(n).enumerate() {
-            for (c, gc) in g_mat.iter().enumerate() {
-                let out = &mut dst[(r * n + c) * c_in + first..][..lanes];
-                for (lane, o) in out.iter_mut().enumerate() {
-                    *o = (tr[0][lane] * gc[0] + tr[1][lane] * gc[1] + tr[2][lane] * gc[2]) as f32;
-                }
-            }
-        }
     }
 }
 
@@ -526,8 +556,8 @@ mod tests {
             }
             (d / n).sqrt()
         };
-        let ours = run(tile, s, &input, &kernel, Epilogue::Bias(&bias), false);
-        let direct = s.run(&input, &kernel, Epilogue::Bias(&bias), false);
+        let ours = run(tile, s, &input, Taps::Plain(&kernel), Epilogue::Bias(&bias), false);
+        let direct = s.run(&input, Taps::Plain(&kernel), Epilogue::Bias(&bias), false);
         for (i, (&g, &e)) in ours.iter().zip(&want).enumerate() {
             assert!((f64::from(g) - e).abs() <= 1e-4 * (1.0 + e.abs()), "{s:?} at {i}: {g} vs {e}");
         }
@@ -590,8 +620,8 @@ mod tests {
                 (Epilogue::Gate { add: Some(&add), gate }, false),
                 (Epilogue::Gate { add: None, gate }, false),
             ] {
-                let ours = run(tile, &s, &input, &kernel, epilogue, relu);
-                let direct = s.run(&input, &kernel, epilogue, relu);
+                let ours = run(tile, &s, &input, Taps::Plain(&kernel), epilogue, relu);
+                let direct = s.run(&input, Taps::Plain(&kernel), epilogue, relu);
                 for (i, (a, b)) in ours.iter().zip(&direct).enumerate() {
                     let ok = (a - b).abs() <= 1e-4 * (1.0 + b.abs());
                     assert!(ok, "{tile:?} {epilogue:?} relu {relu} at {i}: {a} vs {b}");
@@ -613,7 +643,7 @@ mod tests {
                 .into_iter()
                 .map(|level| {
                     simd::cap(level);
-                    let out = run(tile, &s, &input, &kernel, Epilogue::Bias(&bias), true);
+                    let out = run(tile, &s, &input, Taps::Plain(&kernel), Epilogue::Bias(&bias), true);
                     out.iter().map(|v| v.to_bits()).collect()
                 })
                 .collect();
