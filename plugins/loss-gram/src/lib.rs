@@ -4,6 +4,7 @@ use easel_core::candle_core::{DType, Tensor};
 use easel_core::{
     CoreError, FeatureMaps, LayerGrads, LayerId, Loss, LossFactory, OptionSpec, Options, References,
 };
+use rayon::prelude::*;
 
 /// Builds [`GramLoss`] from `type = "gram"`.
 pub struct GramFactory;
@@ -63,21 +64,34 @@ pub fn gram_matrix(features: &Tensor) -> Result<Tensor, CoreError> {
     Ok((f.matmul(&f.t()?)? / (h * w) as f64)?)
 }
 
-/// Columns of `F` converted to f64 at a time by [`gram_matrix_f64`]: bounds its extra memory.
+/// Most columns of `F` converted to f64 at a time by [`gram_matrix_f64`] (per thread):
+/// bounds its extra memory.
 const GRAM_CHUNK: usize = 16384;
 
 /// `F F^T / M` accumulated in f64, converting `F` a block of columns at a time.
 ///
 /// The loss compares `G` with a target `A` it approaches during the optimisation; in f32 the
-/// rounding of `G` would dominate `G - A` there, and with it the gradient.
+/// rounding of `G` would dominate `G - A` there, and with it the gradient. The blocks run in
+/// parallel, a multiple of the thread count of them: each block's product has only `N x N`
+/// outputs, too few for the matrix product to spread over the cores by itself.
 pub fn gram_matrix_f64(features: &Tensor) -> Result<Tensor, CoreError> {
     let (_, n, h, w) = features.dims4()?;
     let m = h * w;
     let f = features.reshape((n, m))?;
+    let threads = rayon::current_num_threads().max(1);
+    let blocks = m.div_ceil(GRAM_CHUNK).max(threads).div_ceil(threads) * threads;
+    let len = m.div_ceil(blocks).max(1);
+    let starts: Vec<usize> = (0..m).step_by(len).collect();
+    let partials = starts
+        .into_par_iter()
+        .map(|start| {
+            let block = f.narrow(1, start, len.min(m - start))?.contiguous()?.to_dtype(DType::F64)?;
+            block.matmul(&block.t()?)
+        })
+        .collect::<Result<Vec<Tensor>, _>>()?;
     let mut g = Tensor::zeros((n, n), DType::F64, features.device())?;
-    for start in (0..m).step_by(GRAM_CHUNK) {
-        let block = f.narrow(1, start, GRAM_CHUNK.min(m - start))?.to_dtype(DType::F64)?;
-        g = (g + block.matmul(&block.t()?)?)?;
+    for p in partials {
+        g = (g + p)?;
     }
     Ok((g / m as f64)?)
 }
@@ -168,7 +182,8 @@ impl Loss for GramLoss {
                 let n2 = (n * n) as f64;
                 value += w * diff.sqr()?.sum_all()?.to_scalar::<f64>()? / (4.0 * n2);
                 let scale = w / (n2 * (h * wd) as f64);
-                let grad = (diff.to_dtype(f.dtype())?.matmul(&f.reshape((n, h * wd))?)? * scale)?;
+                // The scale goes into the small N x N factor, not over the N x M product.
+                let grad = (diff * scale)?.to_dtype(f.dtype())?.matmul(&f.reshape((n, h * wd))?)?;
                 grads.push((layer, grad.reshape(f.shape())?));
             }
             Ok((value, grads))
