@@ -1,8 +1,9 @@
 //! The 3x3 same-padding convolution, forward and input gradient: the one place to speed up.
 //!
 //! On the CPU, for contiguous f32 tensors, both run on [`kernels`] (chunked im2col and
-//! `gemm`'s SIMD kernels, on the rayon pool); on other devices, or for other layouts, on
-//! candle's `conv2d`. The two paths agree to float rounding (see the tests).
+//! `gemm`'s SIMD kernels, on the rayon pool) or on [`winograd`], as [`Winograd`] chooses; on
+//! other devices, or for other layouts, on candle's `conv2d`. The paths agree to float
+//! rounding (see the tests).
 
 mod kernels;
 mod simd;
@@ -14,8 +15,9 @@ use crate::model::relu_pool::{self, ReluGate};
 pub(crate) use kernels::{positive_bits, Gate};
 use kernels::{Conv3x3, Epilogue, Taps};
 
-/// Which convolutions of a pass run as Winograd F(4x4, 3x3) on the CPU (where the shape suits
-/// it: see [`winograd::suits`]); the others run direct.
+/// Which convolutions of a pass run as Winograd F(4x4, 3x3) on the CPU (F(2x2, 3x3) on
+/// images with fewer than 64 of the larger tiles; direct where neither pays off, as for the
+/// 3 channels of conv1_1); the others run direct.
 ///
 /// Winograd does a quarter of the multiplications but rounds about 10x more coarsely, and
 /// not the same way at every position of its 4x4 tiles. In forward passes that rounding can

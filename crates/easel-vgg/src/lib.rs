@@ -1,6 +1,7 @@
 //! VGG-19 on candle: memory-mapped safetensors weights, feature taps, and the input gradient.
 //!
-//! This is the only crate with `unsafe` (the memory map, in [`weights`]).
+//! This is the only crate with `unsafe`: the memory map (in [`weights`]), the calls of `gemm`
+//! and the run-time choice of SIMD code (in the convolutions).
 
 mod conv;
 mod error;
