@@ -98,7 +98,7 @@ fn convert(input: &Path, out: &Path) -> Result<()> {
     if kept.is_empty() {
         bail!("{}: no `features.N.weight` tensors; is this a torchvision VGG-19?", input.display());
     }
-    let part = easel_engine::image_io::temp_path_for(out);
+    let part = easel_core::temp_path_for(out);
     let result = candle_core::safetensors::save(&kept, &part).map_err(anyhow::Error::from).and_then(|()| {
         let report = WeightsFile::open(&part)?.inspect();
         if !report.problems.is_empty() {

@@ -5,6 +5,7 @@
 
 mod error;
 mod features;
+pub mod files;
 mod layer;
 mod loss;
 mod optimizer;
@@ -16,6 +17,7 @@ pub use toml;
 
 pub use error::CoreError;
 pub use features::{FeatureMaps, References, StyleReference};
+pub use files::{temp_path_for, write_atomically};
 pub use layer::LayerId;
 pub use loss::{LayerGrads, Loss, LossFactory};
 pub use optimizer::{Objective, Optimizer, OptimizerFactory, OptimizerState, Step};

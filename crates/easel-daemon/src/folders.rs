@@ -128,7 +128,7 @@ pub fn move_no_clobber(src: &Path, dst: &Path) -> std::io::Result<Moved> {
 /// Moves `src` to `dst` on another filesystem (e.g. `out/` mounted elsewhere): a copy under a
 /// temp name beside `dst`, synced and renamed, so `dst` never holds a partial file.
 fn copy_then_rename(src: &Path, dst: &Path) -> std::io::Result<()> {
-    let tmp = easel_engine::image_io::temp_path_for(dst);
+    let tmp = easel_core::temp_path_for(dst);
     let copied = (|| {
         let meta = std::fs::symlink_metadata(src)?;
         #[cfg(unix)]

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use easel_config::{ConfigLayers, DeviceChoice, OutputFormat, Plan};
+use easel_core::write_atomically;
 use easel_core::{LayerId, Registry};
-use easel_engine::checkpoint::write_atomically;
 use easel_engine::{load_image, save_image, Checkpoint, StyleRun};
 use easel_vgg::{Pooling, Preprocess, Vgg19, WeightsFile, Winograd};
 use serde_json::{json, Value};

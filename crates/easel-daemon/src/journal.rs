@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use easel_engine::checkpoint::write_atomically;
+use easel_core::write_atomically;
 
 const ATTEMPTS: &str = ".attempts";
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use easel_engine::checkpoint::write_atomically;
+use easel_core::write_atomically;
 
 /// A job being computed.
 #[derive(Debug, Clone)]

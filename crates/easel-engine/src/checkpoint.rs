@@ -7,7 +7,6 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -90,29 +89,6 @@ fn scalar_value(text: &str) -> Option<f64> {
     u64::from_str_radix(text, 16).ok().map(f64::from_bits)
 }
 
-/// Writes `bytes` to a temp file beside `path`, syncs it, renames it into place and syncs the
-/// folder, so that after a crash `path` holds either its old or its new content.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = crate::image_io::temp_path_for(path);
-    let written = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-        return written;
-    }
-    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        // Makes the rename itself durable; some filesystems cannot sync a folder, which is harmless.
-        if let Ok(dir) = std::fs::File::open(dir) {
-            let _ = dir.sync_all();
-        }
-    }
-    Ok(())
-}
-
 impl Checkpoint {
     /// Writes the checkpoint to `path` atomically (temp name, sync, rename).
     pub fn write(&self, path: &Path) -> Result<(), EngineError> {
@@ -134,7 +110,7 @@ impl Checkpoint {
         let bytes =
             safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), &Some(metadata))
                 .map_err(|e| bad(path, e))?;
-        write_atomically(path, &bytes).map_err(|e| bad(path, format!("cannot write: {e}")))
+        easel_core::write_atomically(path, &bytes).map_err(|e| bad(path, format!("cannot write: {e}")))
     }
 
     /// Reads a checkpoint written by [`Checkpoint::write`]; tensors are placed on `device`.

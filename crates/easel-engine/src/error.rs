@@ -17,6 +17,9 @@ pub enum EngineError {
     Device(String),
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    /// A tensor or image of the wrong shape for where it was given.
+    #[error("shape mismatch: {0}")]
+    Shape(String),
 }
 
 impl From<candle_core::Error> for EngineError {

@@ -1,6 +1,6 @@
 //! Decoding inputs within limits, tensor conversion, resizing, colour transfer, atomic saving.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use easel_config::{Limits, OutputFormat};
@@ -93,8 +93,9 @@ pub fn to_tensor(image: &RgbImage, device: &Device) -> Result<Tensor, EngineErro
 pub fn from_tensor(tensor: &Tensor) -> Result<RgbImage, EngineError> {
     let (_, _, h, w) = tensor.dims4()?;
     let hwc = tensor.squeeze(0)?.permute((1, 2, 0))?.clamp(0f32, 1f32)?.flatten_all()?.to_vec1::<f32>()?;
-    RgbImage::from_raw(w as u32, h as u32, hwc)
-        .ok_or_else(|| EngineError::Checkpoint("tensor and image sizes disagree".into()))
+    RgbImage::from_raw(w as u32, h as u32, hwc).ok_or_else(|| {
+        EngineError::Shape(format!("a {w}x{h} image cannot hold a tensor of shape {:?}", tensor.dims()))
+    })
 }
 
 /// Keeps the luminance of `styled` and the chrominance of `content` (YIQ), so the result has
@@ -152,12 +153,6 @@ fn encode(
     Ok(out)
 }
 
-/// A temp name beside `path` that the drop-folder scanner and users recognise as unfinished.
-pub fn temp_path_for(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
-}
-
 /// Encodes and writes `image` to a temp file beside `path`, syncs it, then renames it into
 /// place, so `path` never holds a partial image. PNG results carry `text` as iTXt chunks.
 pub fn save_image(
@@ -169,5 +164,5 @@ pub fn save_image(
 ) -> Result<(), EngineError> {
     let fail = |reason: String| EngineError::Output { path: path.to_path_buf(), reason };
     let data = encode(image, format, jpeg_quality, text).map_err(fail)?;
-    crate::checkpoint::write_atomically(path, &data).map_err(|e| fail(e.to_string()))
+    easel_core::write_atomically(path, &data).map_err(|e| fail(e.to_string()))
 }

@@ -217,7 +217,7 @@ impl StyleRun {
     /// Replaces the image being optimised (same shape), e.g. to start from a given image.
     pub fn set_image(&mut self, x: Tensor) -> Result<(), EngineError> {
         if x.dims() != self.x.dims() {
-            return Err(EngineError::Checkpoint(format!(
+            return Err(EngineError::Shape(format!(
                 "image of shape {:?} does not fit this scale's {:?}",
                 x.dims(),
                 self.x.dims()

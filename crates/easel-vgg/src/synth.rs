@@ -48,23 +48,6 @@ pub fn write(seed: u64, path: &Path) -> Result<(), VggError> {
         .collect::<Result<Vec<_>, VggError>>()?;
     let serialized = safetensors::tensor::serialize(views, &None)
         .map_err(|e| VggError::NotSafetensors { path: path.to_path_buf(), reason: e.to_string() })?;
-    write_atomically(path, &serialized)
-}
-
-/// Writes `data` to a temp file beside `path`, syncs it, and renames it into place.
-pub fn write_atomically(path: &Path, data: &[u8]) -> Result<(), VggError> {
-    use std::io::Write;
-    let io = |source| VggError::Io { path: path.to_path_buf(), source };
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{file_name}.{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(io)
+    easel_core::write_atomically(path, &serialized)
+        .map_err(|source| VggError::Io { path: path.to_path_buf(), source })
 }
