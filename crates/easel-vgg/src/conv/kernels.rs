@@ -99,15 +99,6 @@ impl<'a> Taps<'a> {
             }
         }
     }
-
-    /// Tap `tap` of the kernel from input channel `ci` to output channel `co`.
-    #[inline(always)]
-    pub(super) fn at(self, c_in: usize, c_out: usize, co: usize, ci: usize, tap: usize) -> f32 {
-        match self {
-            Taps::Plain(k) => k[(co * c_in + ci) * 9 + tap],
-            Taps::FlippedOf(w) => w[(ci * c_out + co) * 9 + 8 - tap],
-        }
-    }
 }
 
 /// Upper bound on one task's im2col buffer: chunks of this size keep the buffer in L2/L3

@@ -35,6 +35,20 @@ const BLOCK_BUDGET_BYTES: usize = 8 << 20;
 /// chains, as in the direct path.
 const CHANNEL_BLOCK: usize = 64;
 
+/// `G` of F(2x2, 3x3), the kernel transform (interpolation points 0, 1, -1 and infinity).
+/// Kernel transforms run in f64 so that each transformed tap is rounded once.
+const G2: [[f64; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
+
+/// `G` of F(4x4, 3x3) (interpolation points 0, 1, -1, 2, -2 and infinity).
+const G4: [[f64; 3]; 6] = [
+    [1.0 / 4.0, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
+
 /// Up to six values per lane: one row or column of a patch (F(2x2) uses the first four).
 type Six = [[f32; LANES]; 6];
 
@@ -61,25 +75,6 @@ impl Tile {
     /// Input patch side.
     const fn n(self) -> usize {
         self.m() + 2
-    }
-
-    /// `G`, the kernel transform (`n` rows), applied in f64 so that each transformed tap
-    /// is rounded once.
-    fn g(self) -> &'static [[f64; 3]] {
-        const G2: [[f64; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
-        // Interpolation points 0, 1, -1, 2, -2 and infinity.
-        const G4: [[f64; 3]; 6] = [
-            [1.0 / 4.0, 0.0, 0.0],
-            [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
-            [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
-            [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
-            [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
-            [0.0, 0.0, 1.0],
-        ];
-        match self {
-            Tile::F2 => &G2,
-            Tile::F4 => &G4,
-        }
     }
 }
 
@@ -259,31 +254,98 @@ fn transform_kernel(tile: Tile, s: &Conv3x3, kernel: Taps<'_>, u: &mut Vec<f32>)
 /// [`transform_kernel`] for output channel `co`: `dst` is `[n * n, c_in]`.
 #[inline(always)]
 fn transform_kernel_row(tile: Tile, s: &Conv3x3, kernel: Taps<'_>, co: usize, dst: &mut [f32]) {
-    let (c_in, n, g_mat) = (s.c_in, tile.n(), tile.g());
+    let c_in = s.c_in;
+    // The nine taps from input channel `ci`, in the order the convolution applies them.
+    match kernel {
+        Taps::Plain(k) => {
+            let row = &k[co * c_in * 9..][..c_in * 9];
+            let taps = |ci: usize| -> [f32; 9] {
+                let mut t = [0f32; 9];
+                t.copy_from_slice(&row[ci * 9..][..9]);
+                t
+            };
+            match tile {
+                Tile::F2 => transform_taps(kernel_1d_f2, c_in, taps, dst),
+                Tile::F4 => transform_taps(kernel_1d_f4, c_in, taps, dst),
+            }
+        }
+        Taps::FlippedOf(w) => {
+            let taps = |ci: usize| -> [f32; 9] {
+                let src = &w[(ci * s.c_out + co) * 9..][..9];
+                std::array::from_fn(|tap| src[8 - tap])
+            };
+            match tile {
+                Tile::F2 => transform_taps(kernel_1d_f2, c_in, taps, dst),
+                Tile::F4 => transform_taps(kernel_1d_f4, c_in, taps, dst),
+            }
+        }
+    }
+}
+
+/// Lanes of f64: one value for each of 16 input channels.
+type Lanes64 = [f64; LANES];
+
+/// `G x` for F(2x2): [`G2`] applied to three values per lane.
+#[inline(always)]
+fn kernel_1d_f2(x: [&Lanes64; 3]) -> [Lanes64; 4] {
+    let mut o = [[0f64; LANES]; 4];
+    for l in 0..LANES {
+        let (x0, x1, x2) = (x[0][l], x[1][l], x[2][l]);
+        let s = x0 + x2;
+        o[0][l] = x0;
+        o[1][l] = (s + x1) * G2[1][0];
+        o[2][l] = (s - x1) * G2[1][0];
+        o[3][l] = x2;
+    }
+    o
+}
+
+/// `G x` for F(4x4): [`G4`] applied to three values per lane, sharing the common terms.
+#[inline(always)]
+fn kernel_1d_f4(x: [&Lanes64; 3]) -> [Lanes64; 6] {
+    let mut o = [[0f64; LANES]; 6];
+    for l in 0..LANES {
+        let (x0, x1, x2) = (x[0][l], x[1][l], x[2][l]);
+        let s = x0 + x2;
+        let p = x0 * G4[3][0] + x2 * G4[3][2];
+        let q = x1 * G4[3][1];
+        o[0][l] = x0 * G4[0][0];
+        o[1][l] = (s + x1) * G4[1][0];
+        o[2][l] = (s - x1) * G4[1][0];
+        o[3][l] = p + q;
+        o[4][l] = p - q;
+        o[5][l] = x2;
+    }
+    o
+}
+
+/// `U = G g G^T` (`g` from `taps(ci)`, `G x` from `one_d`) for every input channel, 16 at a
+/// time, into `dst[xi * c_in + ci]`.
+#[inline(always)]
+fn transform_taps<const N: usize>(
+    one_d: impl Fn([&Lanes64; 3]) -> [Lanes64; N],
+    c_in: usize,
+    taps: impl Fn(usize) -> [f32; 9],
+    dst: &mut [f32],
+) {
     for first in (0..c_in).step_by(LANES) {
         let lanes = LANES.min(c_in - first);
-        // g[tap][lane] for input channels first..first + lanes.
+        // g[tap][lane] for input channels first..first + lanes (zero beyond).
         let mut g = [[0f64; LANES]; 9];
-        for lane in 0..lanes {
-            for (tap, row) in g.iter_mut().enumerate() {
-                row[lane] = f64::from(kernel.at(c_in, s.c_out, co, first + lane, tap));
+        for (lane, ci) in (first..first + lanes).enumerate() {
+            for (tap, &value) in taps(ci).iter().enumerate() {
+                g[tap][lane] = f64::from(value);
             }
         }
-        // t = G g: n x 3.
-        let mut t = [[[0f64; LANES]; 3]; 6];
-        for (tr, gr) in t.iter_mut().zip(g_mat) {
-            for (b, tb) in tr.iter_mut().enumerate() {
-                for lane in 0..LANES {
-                    tb[lane] = gr[0] * g[b][lane] + gr[1] * g[3 + b][lane] + gr[2] * g[6 + b][lane];
-                }
-            }
-        }
-        // U = t G^T: n x n.
-        for (r, tr) in t.iter().take(n).enumerate() {
-            for (c, gc) in g_mat.iter().enumerate() {
-                let out = &mut dst[(r * n + c) * c_in + first..][..lanes];
-                for (lane, o) in out.iter_mut().enumerate() {
-                    *o = (tr[0][lane] * gc[0] + tr[1][lane] * gc[1] + tr[2][lane] * gc[2]) as f32;
+        // t = G g, one kernel column b at a time: t[b][r] is row r of column b.
+        let t: [[Lanes64; N]; 3] = std::array::from_fn(|b| one_d([&g[b], &g[3 + b], &g[6 + b]]));
+        // U = t G^T: row r of U is G applied to row r of t.
+        for r in 0..N {
+            let row = one_d([&t[0][r], &t[1][r], &t[2][r]]);
+            for (c, values) in row.iter().enumerate() {
+                let out = &mut dst[(r * N + c) * c_in + first..][..lanes];
+                for (o, &v) in out.iter_mut().zip(values) {
+                    *o = v as f32;
                 }
             }
         }
