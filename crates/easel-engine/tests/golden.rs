@@ -2,24 +2,22 @@
 //! (tests/data/golden.json, see tests/data/README.md): three cases of pooling and
 //! pre-processing, synthetic weights seed 0, the 128x96 test images.
 
-use std::path::{Path, PathBuf};
+mod support;
+
 use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
 use easel_config::ConfigLayers;
-use easel_core::{LayerId, Objective, Registry};
+use easel_core::{LayerId, Objective};
 use easel_engine::image_io::to_tensor;
 use easel_engine::{load_image, StyleRun};
-use easel_vgg::{Pooling, Preprocess, Vgg19, WeightsFile};
+use easel_vgg::{Pooling, Preprocess, Vgg19};
 use serde_json::Value;
+use support::{data, registry, weights};
 
 /// Relative tolerances from the golden set's README.
 const STAT_TOL: f64 = 1e-4;
 const ENTRY_TOL: f64 = 1e-3;
-
-fn data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data").join(name)
-}
 
 fn golden() -> &'static Value {
     static GOLDEN: OnceLock<Value> = OnceLock::new();
@@ -27,28 +25,6 @@ fn golden() -> &'static Value {
         let text = std::fs::read_to_string(data("golden.json")).expect("golden.json is readable");
         serde_json::from_str(&text).expect("golden.json parses")
     })
-}
-
-fn weights() -> &'static WeightsFile {
-    static WEIGHTS: OnceLock<(tempfile::TempDir, WeightsFile)> = OnceLock::new();
-    &WEIGHTS
-        .get_or_init(|| {
-            let dir = tempfile::tempdir().expect("temp dir");
-            let path = dir.path().join("synth0.safetensors");
-            easel_vgg::synth::write(0, &path).expect("synthetic weights are written");
-            let file = WeightsFile::open(&path).expect("synthetic weights open");
-            (dir, file)
-        })
-        .1
-}
-
-fn registry() -> Registry {
-    Registry::new()
-        .with_loss(&easel_loss_content::ContentFactory)
-        .with_loss(&easel_loss_gram::GramFactory)
-        .with_loss(&easel_loss_tv::TvFactory)
-        .with_optimizer(&easel_optim_adam::AdamFactory)
-        .with_optimizer(&easel_optim_lbfgs::LbfgsFactory)
 }
 
 fn assert_close(what: &str, got: f64, expected: f64, tol: f64) {

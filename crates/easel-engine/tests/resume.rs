@@ -1,39 +1,14 @@
 //! Checkpoint and resume: a run stopped at any iteration, written to disk and resumed ends
 //! with exactly the bits of a run that never stopped.
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+mod support;
 
 use candle_core::Device;
 use easel_config::ConfigLayers;
-use easel_core::{LayerId, Registry};
+use easel_core::LayerId;
 use easel_engine::{load_image, Checkpoint, RgbImage, StyleRun};
-use easel_vgg::{Vgg19, WeightsFile};
-
-fn data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data").join(name)
-}
-
-fn weights() -> &'static WeightsFile {
-    static WEIGHTS: OnceLock<(tempfile::TempDir, WeightsFile)> = OnceLock::new();
-    &WEIGHTS
-        .get_or_init(|| {
-            let dir = tempfile::tempdir().expect("temp dir");
-            let path = dir.path().join("synth0.safetensors");
-            easel_vgg::synth::write(0, &path).expect("synthetic weights are written");
-            (dir, WeightsFile::open(&path).expect("synthetic weights open"))
-        })
-        .1
-}
-
-fn registry() -> Registry {
-    Registry::new()
-        .with_loss(&easel_loss_content::ContentFactory)
-        .with_loss(&easel_loss_gram::GramFactory)
-        .with_loss(&easel_loss_tv::TvFactory)
-        .with_optimizer(&easel_optim_adam::AdamFactory)
-        .with_optimizer(&easel_optim_lbfgs::LbfgsFactory)
-}
+use easel_vgg::Vgg19;
+use support::{data, registry, weights};
 
 /// A small two-scale job (24 then 48 px) with the given optimiser table.
 fn parts(optimizer: &str) -> (easel_config::Plan, Vgg19, RgbImage, Vec<(RgbImage, f64)>) {

@@ -1,0 +1,36 @@
+//! What the engine's integration tests share: the test data, synthetic weights (written once
+//! per test binary) and a registry with every plugin they use.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use easel_core::Registry;
+use easel_vgg::WeightsFile;
+
+/// A file of the project's test data (`tests/data`).
+pub fn data(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data").join(name)
+}
+
+/// Synthetic VGG-19 weights, seed 0.
+pub fn weights() -> &'static WeightsFile {
+    static WEIGHTS: OnceLock<(tempfile::TempDir, WeightsFile)> = OnceLock::new();
+    &WEIGHTS
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let path = dir.path().join("synth0.safetensors");
+            easel_vgg::synth::write(0, &path).expect("synthetic weights are written");
+            (dir, WeightsFile::open(&path).expect("synthetic weights open"))
+        })
+        .1
+}
+
+/// The content, Gram and TV losses and the Adam and L-BFGS optimisers.
+pub fn registry() -> Registry {
+    Registry::new()
+        .with_loss(&easel_loss_content::ContentFactory)
+        .with_loss(&easel_loss_gram::GramFactory)
+        .with_loss(&easel_loss_tv::TvFactory)
+        .with_optimizer(&easel_optim_adam::AdamFactory)
+        .with_optimizer(&easel_optim_lbfgs::LbfgsFactory)
+}
