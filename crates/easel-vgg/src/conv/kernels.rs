@@ -403,10 +403,11 @@ pub(super) fn matmul(
 pub(super) mod tests {
     use super::*;
 
-    /// Straightforward direct convolution in f64: the reference.
-    fn direct(s: &Conv3x3, input: &[f32], kernel: &[f32], bias: &[f32]) -> Vec<f32> {
+    /// Straightforward direct convolution plus bias in f64: the reference of the kernels'
+    /// tests (`kernel` is `[c_out, c_in, 3, 3]`).
+    pub(in super::super) fn direct(s: &Conv3x3, input: &[f32], kernel: &[f32], bias: &[f32]) -> Vec<f64> {
         let (h, w) = (s.height as isize, s.width as isize);
-        let mut out = vec![0f32; s.c_out * s.height * s.width];
+        let mut out = vec![0f64; s.c_out * s.height * s.width];
         for co in 0..s.c_out {
             for y in 0..h {
                 for x in 0..w {
@@ -425,7 +426,7 @@ pub(super) mod tests {
                             }
                         }
                     }
-                    out[(co * s.height + y as usize) * s.width + x as usize] = acc as f32;
+                    out[(co * s.height + y as usize) * s.width + x as usize] = acc;
                 }
             }
         }
@@ -452,7 +453,7 @@ pub(super) mod tests {
             let input = noise(c_in * height * width, 1);
             let kernel = noise(c_out * c_in * 9, 2);
             let bias = noise(c_out, 3);
-            let want = direct(&s, &input, &kernel, &bias);
+            let want: Vec<f32> = direct(&s, &input, &kernel, &bias).iter().map(|&v| v as f32).collect();
             let got = s.run(&input, Taps::Plain(&kernel), Epilogue::Bias(&bias), false);
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{s:?}: {g} vs {w}");

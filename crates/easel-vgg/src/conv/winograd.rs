@@ -577,33 +577,8 @@ fn transform_output(tile: Tile, s: &Conv3x3, p: &[f32], rows: Range<usize>, out:
 
 #[cfg(test)]
 mod tests {
-    use super::super::kernels::tests::noise;
+    use super::super::kernels::tests::{direct, noise};
     use super::*;
-
-    /// Direct convolution in f64, plus bias.
-    fn exact(s: &Conv3x3, input: &[f32], kernel: &[f32], bias: &[f32]) -> Vec<f64> {
-        let (h, w) = (s.height as isize, s.width as isize);
-        let mut out = vec![0f64; s.c_out * s.height * s.width];
-        for co in 0..s.c_out {
-            for y in 0..h {
-                for x in 0..w {
-                    let mut acc = f64::from(bias[co]);
-                    for ci in 0..s.c_in {
-                        for t in 0..9isize {
-                            let (iy, ix) = (y + t / 3 - 1, x + t % 3 - 1);
-                            if iy >= 0 && iy < h && ix >= 0 && ix < w {
-                                let v = input[(ci * s.height + iy as usize) * s.width + ix as usize];
-                                let k = kernel[(co * s.c_in + ci) * 9 + t as usize];
-                                acc += f64::from(v) * f64::from(k);
-                            }
-                        }
-                    }
-                    out[(co * s.height + y as usize) * s.width + x as usize] = acc;
-                }
-            }
-        }
-        out
-    }
 
     /// Relative L2 error of `got` against `want`, and the same for the direct path.
     fn errors(tile: Tile, s: &Conv3x3, seed: u64) -> (f64, f64) {
@@ -611,7 +586,7 @@ mod tests {
         let scale = (2.0 / (9.0 * s.c_in as f32)).sqrt();
         let kernel: Vec<f32> = noise(s.c_out * s.c_in * 9, seed + 1).iter().map(|k| k * scale).collect();
         let bias = noise(s.c_out, seed + 2);
-        let want = exact(s, &input, &kernel, &bias);
+        let want = direct(s, &input, &kernel, &bias);
         let l2 = |got: &[f32]| {
             let (mut d, mut n) = (0f64, 0f64);
             for (&g, &e) in got.iter().zip(&want) {
