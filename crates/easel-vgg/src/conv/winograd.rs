@@ -172,18 +172,17 @@ pub fn run(
     if plane == 0 || s.c_out == 0 {
         return out;
     }
-    TRANSFORMED.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut u) => {
-            transform_kernel(tile, s, kernel, &mut u);
-            run_blocks(tile, s, input, &u, epilogue, relu, &mut out);
-        }
-        // This thread is already inside `run` (rayon gave it another convolution while it
-        // waited): a buffer of its own.
-        Err(_) => {
-            let mut u = Vec::new();
-            transform_kernel(tile, s, kernel, &mut u);
-            run_blocks(tile, s, input, &u, epilogue, relu, &mut out);
-        }
+    TRANSFORMED.with(|cell| {
+        // If this thread is already inside `run` (rayon gave it another convolution while it
+        // waited), the buffer is taken: this call uses one of its own.
+        let mut own = Vec::new();
+        let mut shared = cell.try_borrow_mut();
+        let u = match &mut shared {
+            Ok(u) => &mut **u,
+            Err(_) => &mut own,
+        };
+        transform_kernel(tile, s, kernel, u);
+        run_blocks(tile, s, input, u, epilogue, relu, &mut out);
     });
     out
 }
