@@ -42,16 +42,22 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-fn run_job(dir: &Path, out_name: &str, extra: &[&str]) -> (Output, PathBuf) {
-    let out_path = dir.join(out_name);
-    let output = easel()
-        .arg("run")
+/// `easel ARGS --content C --style S --weights W` with the sample images and synthetic weights.
+fn sample_job(args: &[&str]) -> Command {
+    let mut cmd = easel();
+    cmd.args(args)
         .arg("--content")
         .arg(data("content.png"))
         .arg("--style")
         .arg(data("style.png"))
         .arg("--weights")
-        .arg(synth_weights())
+        .arg(synth_weights());
+    cmd
+}
+
+fn run_job(dir: &Path, out_name: &str, extra: &[&str]) -> (Output, PathBuf) {
+    let out_path = dir.join(out_name);
+    let output = sample_job(&["run"])
         .arg("--out")
         .arg(&out_path)
         .args(["--size", "64", "--iterations", "6"])
@@ -127,19 +133,8 @@ fn eval_reports_each_loss_as_json() {
     image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, 128]))
         .save(&at)
         .expect("save");
-    let out = easel()
-        .arg("eval")
-        .arg("--content")
-        .arg(data("content.png"))
-        .arg("--style")
-        .arg(data("style.png"))
-        .arg("--weights")
-        .arg(synth_weights())
-        .arg("--at")
-        .arg(&at)
-        .args(["--size", "128", "--json"])
-        .output()
-        .expect("runs");
+    let out =
+        sample_job(&["eval"]).arg("--at").arg(&at).args(["--size", "128", "--json"]).output().expect("runs");
     assert!(out.status.success(), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     let losses = v["losses"].as_array().expect("losses");
@@ -158,13 +153,7 @@ fn eval_reports_each_loss_as_json() {
 
 #[test]
 fn bench_prints_timings_and_memory_as_json() {
-    let out = easel()
-        .args(["--threads", "2", "bench", "--content"])
-        .arg(data("content.png"))
-        .arg("--style")
-        .arg(data("style.png"))
-        .arg("--weights")
-        .arg(synth_weights())
+    let out = sample_job(&["--threads", "2", "bench"])
         .args(["--size", "64", "--iterations", "3", "--optimizer", "adam", "--json"])
         .output()
         .expect("runs");
