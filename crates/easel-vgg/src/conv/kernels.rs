@@ -127,12 +127,7 @@ impl Conv3x3 {
     fn chunks(&self, threads: usize) -> Vec<Range<usize>> {
         let p = self.pixels();
         let col_bytes = 9 * self.c_in * p * std::mem::size_of::<f32>();
-        let by_memory = col_bytes.div_ceil(IM2COL_BUDGET_BYTES);
-        let by_threads = threads.max(1);
-        let mut n = by_memory.max(by_threads).div_ceil(by_threads) * by_threads;
-        n = n.min(p.div_ceil(MIN_CHUNK_PIXELS)).max(1);
-        let len = p.div_ceil(n);
-        (0..p).step_by(len).map(|start| start..(start + len).min(p)).collect()
+        split_work(p, col_bytes, IM2COL_BUDGET_BYTES, threads, p.div_ceil(MIN_CHUNK_PIXELS))
     }
 
     /// `conv3x3(input, kernel)` with padding 1, then `epilogue`, then ReLU if `relu`.
@@ -246,6 +241,22 @@ fn shifted_row(plane: &[f32], h: usize, w: usize, iy: isize, x0: usize, kx: usiz
     } else {
         seg[lead..].fill(0.0);
     }
+}
+
+/// Splits `0..units` into consecutive ranges of equal length (the last may be shorter) for
+/// parallel tasks: as many as keep each task's share of `bytes` within `budget`, rounded up
+/// to a multiple of `threads` (so that every thread gets the same work), at most `max_parts`.
+pub(super) fn split_work(
+    units: usize,
+    bytes: usize,
+    budget: usize,
+    threads: usize,
+    max_parts: usize,
+) -> Vec<Range<usize>> {
+    let threads = threads.max(1);
+    let n = (bytes.div_ceil(budget).max(threads).div_ceil(threads) * threads).min(max_parts).max(1);
+    let len = units.div_ceil(n).max(1);
+    (0..units).step_by(len).map(|start| start..(start + len).min(units)).collect()
 }
 
 /// Cuts every `plane`-long channel plane of `out` at the boundaries of `ranges` (consecutive

@@ -22,7 +22,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::kernels::{finish, matmul, split_planes, Conv3x3, Epilogue, Strided, Taps};
+use super::kernels::{finish, matmul, split_planes, split_work, Conv3x3, Epilogue, Strided, Taps};
 use super::simd::{self, Kernel};
 
 /// Tiles transformed together: one AVX-512 register of f32 per value, or a few narrower ones.
@@ -233,11 +233,7 @@ fn row_blocks(tile: Tile, s: &Conv3x3, threads: usize) -> Vec<Range<usize>> {
     let (tiles_y, tiles_x) = (s.height.div_ceil(tile.m()), s.width.div_ceil(tile.m()));
     let nn = tile.n() * tile.n();
     let row_bytes = nn * (s.c_in + s.c_out) * tiles_x * std::mem::size_of::<f32>();
-    let by_memory = (row_bytes * tiles_y).div_ceil(BLOCK_BUDGET_BYTES);
-    let threads = threads.max(1);
-    let n = (by_memory.max(threads).div_ceil(threads) * threads).min(tiles_y).max(1);
-    let len = tiles_y.div_ceil(n);
-    (0..tiles_y).step_by(len).map(|start| start..(start + len).min(tiles_y)).collect()
+    split_work(tiles_y, row_bytes * tiles_y, BLOCK_BUDGET_BYTES, threads, tiles_y)
 }
 
 /// `U = G g G^T` for every (output, input) channel pair into `u`, laid out `u[co, xi, ci]`
