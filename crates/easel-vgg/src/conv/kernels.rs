@@ -313,8 +313,8 @@ pub(super) fn finish(
     }
 }
 
-/// Copies each channel's row of `product` into the output slices with the epilogue; the
-/// slices hold output pixels `start..` of planes of `plane` pixels.
+/// Copies each channel's row of `product` into the output slices, then applies the epilogue
+/// ([`finish`]); the slices hold output pixels `start..` of planes of `plane` pixels.
 fn store(
     rows: &mut [&mut [f32]],
     product: &[f32],
@@ -324,26 +324,10 @@ fn store(
     plane: usize,
 ) {
     let n = rows.first().map_or(0, |r| r.len());
-    for (co, (dst, src)) in rows.iter_mut().zip(product.chunks_exact(n.max(1))).enumerate() {
-        let b = match epilogue {
-            Epilogue::None => 0.0,
-            Epilogue::Bias(bias) => bias[co],
-            Epilogue::Gate { add, gate } => {
-                let first = co * plane + start;
-                let add = add.map(|a| &a[first..first + n]);
-                for (j, (d, &s)) in dst.iter_mut().zip(src).enumerate() {
-                    let g = s + add.map_or(0.0, |a| a[j]);
-                    *d = if gate.open(first + j) { g } else { 0.0 };
-                }
-                continue;
-            }
-        };
-        if relu {
-            dst.iter_mut().zip(src).for_each(|(d, &s)| *d = (s + b).max(0.0));
-        } else {
-            dst.iter_mut().zip(src).for_each(|(d, &s)| *d = s + b);
-        }
+    for (dst, src) in rows.iter_mut().zip(product.chunks_exact(n.max(1))) {
+        dst.copy_from_slice(src);
     }
+    finish(rows, epilogue, relu, start, plane);
 }
 
 /// A matrix read from `data[i * row_stride + j * col_stride]`.
