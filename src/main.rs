@@ -71,6 +71,10 @@ fn main() -> ExitCode {
         std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
     }
     init_logging(cli.log_format, cli.verbose);
+    // Evaluations free and reallocate tens of MB at a time: keep those blocks mapped.
+    if !easel_vgg::alloc::reuse_large_blocks() {
+        tracing::debug!("the allocator keeps its own policy for large blocks");
+    }
     let registry = registry::registry();
     let result = match cli.command {
         Command::Run(args) => commands::run::run(args, &registry),

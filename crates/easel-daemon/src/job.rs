@@ -513,6 +513,9 @@ pub(crate) fn process(shared: &Shared<'_>, job: ClaimedJob) -> JobEnd {
             Err(panic) => fail(shared, &job, &JobError::Panic(panic_message(panic))),
         }
     })();
+    // The run's buffers stay mapped for reuse while it runs (see easel_vgg::alloc); between
+    // jobs a small board gets them back.
+    easel_vgg::alloc::release_free_memory();
     match ended {
         Ok(end) => end,
         Err(e) => {

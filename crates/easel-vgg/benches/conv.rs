@@ -136,6 +136,8 @@ fn gemm_ceiling(reps: usize) -> candle_core::Result<()> {
 }
 
 fn main() -> candle_core::Result<()> {
+    // As the easel binary does: outputs reuse freed blocks instead of faulting in new pages.
+    easel_vgg::alloc::reuse_large_blocks();
     let mut size = 256usize;
     let mut reps = 5usize;
     let mut candle = true;

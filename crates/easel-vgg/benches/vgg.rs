@@ -39,6 +39,8 @@ fn peak_rss_mb() -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // As the easel binary does: outputs reuse freed blocks instead of faulting in new pages.
+    easel_vgg::alloc::reuse_large_blocks();
     let (mut size, mut reps, mut pooling) = (256usize, 5usize, Pooling::Max);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {

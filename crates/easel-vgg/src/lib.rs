@@ -1,8 +1,10 @@
 //! VGG-19 on candle: memory-mapped safetensors weights, feature taps, and the input gradient.
 //!
 //! This is the only crate with `unsafe`: the memory map (in [`weights`]), the calls of `gemm`
-//! and the run-time choice of SIMD code (in the convolutions).
+//! and the run-time choice of SIMD code (in the convolutions), and the allocator settings
+//! (in [`alloc`]).
 
+pub mod alloc;
 mod conv;
 mod error;
 mod model;
