@@ -105,6 +105,12 @@ impl<'a> Taps<'a> {
 /// and bound extra memory, and still give `gemm` products large enough to run near peak.
 const IM2COL_BUDGET_BYTES: usize = 6 << 20;
 
+/// Upper bound on one task's im2col buffer and product together when all taps go into one
+/// product (see [`Conv3x3::chunk`]): there the product, `c_out` rows against `9 c_in`, is
+/// the larger part, and keeping both within L2 made conv1_1 3x faster than the im2col
+/// budget alone (whose chunks of conv1_1 at 512 px had 12 MB products).
+const WORKING_SET_BYTES: usize = 3 << 19;
+
 /// Input channels per product (see [`Conv3x3::chunk`]).
 const CHANNEL_BLOCK: usize = 64;
 
@@ -115,6 +121,10 @@ const MIN_CHUNK_PIXELS: usize = 96;
 thread_local! {
     /// Per-thread scratch reused across calls: the im2col buffer, then the product.
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+
+    /// Per-thread f64 scratch of the all-taps product: kernel, im2col buffer, product.
+    static WIDE: RefCell<(Vec<f64>, Vec<f64>, Vec<f64>)> =
+        const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 impl Conv3x3 {
@@ -123,11 +133,21 @@ impl Conv3x3 {
     }
 
     /// Splits the output pixels into chunks: a multiple of the thread count (so that every
-    /// thread gets the same work), each small enough for [`IM2COL_BUDGET_BYTES`].
-    fn chunks(&self, threads: usize) -> Vec<Range<usize>> {
+    /// thread gets the same work), each small enough for [`IM2COL_BUDGET_BYTES`], or for
+    /// [`WORKING_SET_BYTES`] when `all_taps` go into one product.
+    fn chunks(&self, threads: usize, all_taps: bool) -> Vec<Range<usize>> {
         let p = self.pixels();
-        let col_bytes = 9 * self.c_in * p * std::mem::size_of::<f32>();
-        split_work(p, col_bytes, IM2COL_BUDGET_BYTES, threads, p.div_ceil(MIN_CHUNK_PIXELS))
+        let (bytes, budget) = if all_taps {
+            ((9 * self.c_in + self.c_out) * p * std::mem::size_of::<f64>(), WORKING_SET_BYTES)
+        } else {
+            (9 * self.c_in * p * std::mem::size_of::<f32>(), IM2COL_BUDGET_BYTES)
+        };
+        split_work(p, bytes, budget, threads, p.div_ceil(MIN_CHUNK_PIXELS))
+    }
+
+    /// Whether [`Conv3x3::chunk`] puts all taps into one product.
+    fn all_taps(&self, kernel: Taps<'_>) -> bool {
+        matches!(kernel, Taps::Plain(_)) && 9 * self.c_in <= CHANNEL_BLOCK
     }
 
     /// `conv3x3(input, kernel)` with padding 1, then `epilogue`, then ReLU if `relu`.
@@ -140,7 +160,7 @@ impl Conv3x3 {
         if p == 0 || self.c_out == 0 {
             return out;
         }
-        let ranges = self.chunks(rayon::current_num_threads());
+        let ranges = self.chunks(rayon::current_num_threads(), self.all_taps(kernel));
         let parts = split_planes(&mut out, p, &ranges);
         parts.into_par_iter().zip(ranges).for_each(|(mut rows, range)| {
             SCRATCH.with(|scratch| {
@@ -178,6 +198,13 @@ impl Conv3x3 {
     /// of 9 c_in, which makes the result 2-3 times closer to exact (so max pooling picks the
     /// f64 reference's winners more often); the order of operations is the same for every
     /// pixel, so equal inputs still give bit-equal outputs.
+    ///
+    /// With few input channels (conv1_1's 3) a product per tap would have only `c_in` terms,
+    /// and `gemm` would spend its time loading and storing `product`; all `9 c_in` taps then
+    /// go into one product, which the stored kernel's `[c_out, c_in * 9]` layout allows. That
+    /// product runs in f64: conv1_1 reads the pixels themselves (0-255 less the mean, with
+    /// Caffe's pre-processing), where f32 sums cancel badly enough to move the golden
+    /// gradients by 1e-3, and a product this small is bound by memory, not arithmetic.
     fn chunk(
         &self,
         input: &[f32],
@@ -187,10 +214,33 @@ impl Conv3x3 {
         product: &mut Vec<f32>,
     ) {
         let n = range.len();
-        col.resize(self.c_in * n, 0.0);
         product.resize(self.c_out * n, 0.0);
+        if let (Taps::Plain(k), true) = (kernel, self.all_taps(kernel)) {
+            col.resize(9 * self.c_in * n, 0.0);
+            for tap in 0..9 {
+                // Row ci * 9 + tap, as the kernel's column of that tap.
+                self.im2col_tap(input, range.clone(), tap, col, 9);
+            }
+            WIDE.with(|wide| {
+                let (wide_kernel, wide_col, wide_product) = &mut *wide.borrow_mut();
+                let widen = |to: &mut Vec<f64>, from: &[f32]| {
+                    to.clear();
+                    to.extend(from.iter().map(|&v| f64::from(v)));
+                };
+                widen(wide_kernel, k);
+                widen(wide_col, col);
+                wide_product.resize(self.c_out * n, 0.0);
+                let taps = Strided { data: &wide_kernel[..], row_stride: 9 * self.c_in, col_stride: 1 };
+                matmul(self.c_out, n, 9 * self.c_in, taps, wide_col, wide_product, false);
+                for (p, &w) in product.iter_mut().zip(wide_product.iter()) {
+                    *p = w as f32;
+                }
+            });
+            return;
+        }
+        col.resize(self.c_in * n, 0.0);
         for tap in 0..9 {
-            self.im2col_tap(input, range.clone(), tap, col);
+            self.im2col_tap(input, range.clone(), tap, col, 1);
             for first in (0..self.c_in).step_by(CHANNEL_BLOCK) {
                 let k = CHANNEL_BLOCK.min(self.c_in - first);
                 let taps = kernel.matrix(self.c_in, self.c_out, tap, first);
@@ -199,14 +249,23 @@ impl Conv3x3 {
         }
     }
 
-    /// `col[ci * n + (p - start)] = input[ci, y + ky - 1, x + kx - 1]` (zero outside the
-    /// image) for output pixels `p = y * width + x` in `range`, `tap = 3 ky + kx`.
-    fn im2col_tap(&self, input: &[f32], range: Range<usize>, tap: usize, col: &mut [f32]) {
+    /// `col[row * n + (p - start)] = input[ci, y + ky - 1, x + kx - 1]` (zero outside the
+    /// image) for output pixels `p = y * width + x` in `range`, `tap = 3 ky + kx`; the row
+    /// of channel `ci` is `ci`, or `ci * 9 + tap` with `taps_per_channel` 9.
+    fn im2col_tap(
+        &self,
+        input: &[f32],
+        range: Range<usize>,
+        tap: usize,
+        col: &mut [f32],
+        taps_per_channel: usize,
+    ) {
         let (h, w) = (self.height, self.width);
         let (ky, kx) = (tap / 3, tap % 3);
         let n = range.len();
+        let first_row = if taps_per_channel == 1 { 0 } else { tap };
         for (ci, plane) in input.chunks_exact(h * w).enumerate() {
-            let dst = &mut col[ci * n..][..n];
+            let dst = &mut col[(ci * taps_per_channel + first_row) * n..][..n];
             let mut p = range.start;
             while p < range.end {
                 let (y, x0) = (p / w, p % w);
@@ -332,21 +391,37 @@ fn store(
 
 /// A matrix read from `data[i * row_stride + j * col_stride]`.
 #[derive(Clone, Copy)]
-pub(super) struct Strided<'a> {
-    pub data: &'a [f32],
+pub(super) struct Strided<'a, T = f32> {
+    pub data: &'a [T],
     pub row_stride: usize,
     pub col_stride: usize,
 }
 
+/// The element types [`matmul`] multiplies.
+pub(super) trait Element: Copy + 'static {
+    const ZERO: Self;
+    const ONE: Self;
+}
+
+impl Element for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+}
+
+impl Element for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+}
+
 /// `dst[m, n] (+)= lhs[m, k] * rhs[k, n]` (`+=` if `accumulate`), `rhs` and `dst` dense
 /// row-major, on the calling thread.
-pub(super) fn matmul(
+pub(super) fn matmul<T: Element>(
     m: usize,
     n: usize,
     k: usize,
-    lhs: Strided<'_>,
-    rhs: &[f32],
-    dst: &mut [f32],
+    lhs: Strided<'_, T>,
+    rhs: &[T],
+    dst: &mut [T],
     accumulate: bool,
 ) {
     if m == 0 || n == 0 {
@@ -354,7 +429,7 @@ pub(super) fn matmul(
     }
     if k == 0 {
         if !accumulate {
-            dst[..m * n].fill(0.0);
+            dst[..m * n].fill(T::ZERO);
         }
         return;
     }
@@ -384,8 +459,8 @@ pub(super) fn matmul(
             rhs.as_ptr(),
             1,
             n as isize,
-            1.0,
-            1.0,
+            T::ONE,
+            T::ONE,
             false,
             false,
             false,
@@ -465,7 +540,7 @@ pub(super) mod tests {
         for &(c_in, h, w) in &[(3, 384, 512), (64, 384, 512), (512, 24, 32), (512, 1, 1), (64, 7, 3)] {
             let s = Conv3x3 { c_in, c_out: 64, height: h, width: w };
             for threads in 1..4 {
-                let chunks = s.chunks(threads);
+                let chunks = s.chunks(threads, c_in == 3);
                 assert_eq!(chunks.first().map(|r| r.start), Some(0));
                 assert_eq!(chunks.last().map(|r| r.end), Some(h * w));
                 assert!(chunks.windows(2).all(|p| p[0].end == p[1].start && !p[0].is_empty()));
