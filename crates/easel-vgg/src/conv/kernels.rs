@@ -31,12 +31,26 @@ pub enum Gate<'a> {
 }
 
 impl Gate<'_> {
-    /// Whether element `i` passes.
-    #[inline]
-    pub fn open(&self, i: usize) -> bool {
+    /// Zeroes the elements of `values` (elements `first..` of the gated tensor) that do not
+    /// pass, those whose ReLU output was not > 0; the gate's kind is matched once per slice,
+    /// not per element.
+    pub fn close(&self, values: &mut [f32], first: usize) {
         match self {
-            Gate::Output(v) => v[i] > 0.0,
-            Gate::Bits(b) => (b[i / 64] >> (i % 64)) & 1 == 1,
+            Gate::Output(v) => {
+                let n = values.len();
+                for (d, &o) in values.iter_mut().zip(&v[first..first + n]) {
+                    // NaN does not pass, as with the bits.
+                    *d = if o > 0.0 { *d } else { 0.0 };
+                }
+            }
+            Gate::Bits(b) => {
+                for (j, d) in values.iter_mut().enumerate() {
+                    let i = first + j;
+                    if (b[i / 64] >> (i % 64)) & 1 == 0 {
+                        *d = 0.0;
+                    }
+                }
+            }
         }
     }
 
@@ -362,11 +376,10 @@ pub(super) fn finish(
             }
             Epilogue::Gate { add, gate } => {
                 let first = co * plane + start;
-                let add = add.map(|a| &a[first..first + n]);
-                for (j, d) in dst.iter_mut().enumerate() {
-                    let g = *d + add.map_or(0.0, |a| a[j]);
-                    *d = if gate.open(first + j) { g } else { 0.0 };
+                if let Some(a) = add {
+                    dst.iter_mut().zip(&a[first..first + n]).for_each(|(d, a)| *d += a);
                 }
+                gate.close(dst, first);
             }
         }
     }

@@ -72,7 +72,7 @@ pub(crate) fn relu_backward(grad: &Tensor, add: Option<&Tensor>, gate: &ReluGate
     if add.is_some_and(|a| a.len() != g.len()) {
         return Err(candle_core::Error::Msg("tap gradient and ReLU gradient differ in size".into()));
     }
-    let mut out = vec![0f32; g.len()];
+    let mut out = g.to_vec();
     gate.with(|gate| {
         if gate.len() < g.len() {
             return Err(candle_core::Error::Msg("ReLU gate smaller than its gradient".into()));
@@ -80,12 +80,11 @@ pub(crate) fn relu_backward(grad: &Tensor, add: Option<&Tensor>, gate: &ReluGate
         const BLOCK: usize = 1 << 14;
         out.par_chunks_mut(BLOCK).enumerate().for_each(|(b, dst)| {
             let first = b * BLOCK;
-            for (j, d) in dst.iter_mut().enumerate() {
-                let i = first + j;
-                if gate.open(i) {
-                    *d = g[i] + add.map_or(0.0, |a| a[i]);
-                }
+            if let Some(a) = add {
+                let n = dst.len();
+                dst.iter_mut().zip(&a[first..first + n]).for_each(|(d, a)| *d += a);
             }
+            gate.close(dst, first);
         });
         Ok(())
     })?;
@@ -170,29 +169,33 @@ pub(crate) fn pool_backward(
         }
         out.par_chunks_mut(h * w).enumerate().for_each(|(plane, dst)| {
             let g = &g[plane * h2 * w2..][..h2 * w2];
-            for y in 0..h {
-                for x in 0..w {
-                    let routed = if y / 2 < h2 && x / 2 < w2 {
-                        let o = (y / 2) * w2 + x / 2;
-                        match routing {
-                            Routing::Max(codes) => {
-                                let k = (y % 2) * 2 + x % 2;
-                                if codes[plane * h2 * w2 + o] as usize == k {
-                                    g[o]
-                                } else {
-                                    0.0
-                                }
+            for (y, row) in dst.chunks_exact_mut(w).enumerate() {
+                // Row by row, each window's gradient written to its two inputs in this row:
+                // no division or routing test per element.
+                if y / 2 < h2 {
+                    let grads = &g[(y / 2) * w2..][..w2];
+                    let pairs = row.chunks_exact_mut(2).zip(grads);
+                    match routing {
+                        Routing::Max(codes) => {
+                            let codes = &codes[plane * h2 * w2 + (y / 2) * w2..][..w2];
+                            let left = (y % 2) as u8 * 2;
+                            for ((pair, &v), &code) in pairs.zip(codes) {
+                                pair[0] = if code == left { v } else { 0.0 };
+                                pair[1] = if code == left + 1 { v } else { 0.0 };
                             }
-                            Routing::Avg => g[o] * 0.25,
                         }
-                    } else {
-                        0.0
-                    };
-                    let i = plane * h * w + y * w + x;
-                    if gate.open(i) {
-                        dst[y * w + x] = routed + add.map_or(0.0, |a| a[i]);
+                        Routing::Avg => {
+                            for (pair, &v) in pairs {
+                                pair.fill(v * 0.25);
+                            }
+                        }
                     }
                 }
+                let first = plane * h * w + y * w;
+                if let Some(a) = add {
+                    row.iter_mut().zip(&a[first..first + w]).for_each(|(d, a)| *d += a);
+                }
+                gate.close(row, first);
             }
         });
         Ok(())
