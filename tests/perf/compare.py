@@ -5,7 +5,9 @@ Runs `easel bench` and `gatys_torch.py` (copied here from the team's shared peer
 and attribution kept) on the same content/style images and the same safetensors weights, at
 each --size, both with Adam (one loss+gradient evaluation per iteration), alternating the two
 tools so that any background load hits both alike. Prints a table of seconds per evaluation
-(median of the iterations after the first), their ratio easel/torch, and peak RSS, then one
+(median of the iterations after the first, the fastest of the repeats), their ratio
+easel/torch, the median over the repeats of the ratio within each repeat (`med`: less
+sensitive to the machine's drift than the ratio of the fastest runs), and peak RSS, then one
 JSON line with every raw result.
 
     tests/perf/compare.py [--sizes 128,256,512] [--iters 8] [--repeats 1] [--threads 2]
@@ -116,6 +118,9 @@ def main():
             "--iters", str(args.iters), "--optimizer", "adam", "--style-weight", "1e6",
             "--tv-weight", "1e-3", "--threads", str(args.threads)]))
         best = {}
+        # Seconds per evaluation of each tool in each repeat: a repeat runs the tools one after
+        # the other, so the ratio within a repeat compares runs minutes apart at most.
+        times = {}
         for _ in range(args.repeats):
             for tool, cmd in tools:
                 if args.only and not tool.startswith(args.only):
@@ -125,22 +130,28 @@ def main():
                     s, rss, loss0 = res["s_per_iter"], res["peak_rss_mb"], res["loss_first"]
                 else:
                     s, rss, loss0 = res["iter_s_median"], res["peak_rss_mb"], res["initial_loss"]["total"]
+                times.setdefault(tool, []).append(s)
                 row = dict(s_per_eval=s, peak_rss_mb=rss, other_cpu=other, loss_first=loss0, raw=res)
                 if tool not in best or s < best[tool]["s_per_eval"]:
                     best[tool] = row
+        for tool, row in best.items():
+            torch_times = times.get("torch", [])
+            if tool.startswith("easel") and len(torch_times) == len(times[tool]):
+                row["ratios"] = [e / t for e, t in zip(times[tool], torch_times)]
         results.append(dict(size=size, **best))
 
-    print(f"{'size':>5} {'winograd':>9} {'easel s/eval':>13} {'torch s/eval':>13} {'ratio':>7} "
+    print(f"{'size':>5} {'winograd':>9} {'easel s/eval':>13} {'torch s/eval':>13} {'ratio':>7} {'med':>6} "
           f"{'easel RSS MB':>13} {'torch RSS MB':>13} {'other cpu e/t':>14} {'loss0 e/t':>10}")
     for r in results:
         t = r.get("torch")
         for mode in modes if not args.only == "torch" else ["-"]:
             e = r.get(f"easel:{mode}")
             ratio = e["s_per_eval"] / t["s_per_eval"] if e and t else float("nan")
+            med = statistics.median(e["ratios"]) if e and e.get("ratios") else float("nan")
             loss_ratio = e["loss_first"] / t["loss_first"] if e and t else float("nan")
             f = lambda d, k, fmt: format(d[k], fmt) if d else "-"
             print(f"{r['size']:>5} {mode:>9} {f(e, 's_per_eval', '13.4f')} {f(t, 's_per_eval', '13.4f')} "
-                  f"{ratio:7.3f} {f(e, 'peak_rss_mb', '13.0f')} {f(t, 'peak_rss_mb', '13.0f')} "
+                  f"{ratio:7.3f} {med:6.3f} {f(e, 'peak_rss_mb', '13.0f')} {f(t, 'peak_rss_mb', '13.0f')} "
                   f"{(format(e['other_cpu'], '.2f') if e else '-'):>6}/"
                   f"{(format(t['other_cpu'], '.2f') if t else '-'):<7} {loss_ratio:10.4f}")
     print(f"goal: ratio <= {args.goal} at 256 and 512 px; easel peak RSS <= {args.rss_goal_mb:.0f} MB at 512 px "
