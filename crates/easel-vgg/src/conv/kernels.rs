@@ -31,13 +31,17 @@ pub enum Gate<'a> {
 }
 
 impl Gate<'_> {
-    /// Zeroes the elements of `values` (elements `first..` of the gated tensor) that do not
-    /// pass, those whose ReLU output was not > 0; the gate's kind is matched once per slice,
-    /// not per element.
-    pub fn close(&self, values: &mut [f32], first: usize) {
+    /// The ReLU's backward pass in place: `values` (elements `first..` of the gradient) become
+    /// `values + add` where the ReLU output was > 0 and 0 elsewhere. `add`, if any, is the
+    /// ReLU's own upstream gradient, whole. The gate's kind is matched once per slice, not
+    /// per element.
+    pub fn pass(&self, values: &mut [f32], add: Option<&[f32]>, first: usize) {
+        let n = values.len();
+        if let Some(a) = add {
+            values.iter_mut().zip(&a[first..first + n]).for_each(|(d, a)| *d += a);
+        }
         match self {
             Gate::Output(v) => {
-                let n = values.len();
                 for (d, &o) in values.iter_mut().zip(&v[first..first + n]) {
                     // NaN does not pass, as with the bits.
                     *d = if o > 0.0 { *d } else { 0.0 };
@@ -363,7 +367,6 @@ pub(super) fn finish(
     plane: usize,
 ) {
     for (co, dst) in rows.iter_mut().enumerate() {
-        let n = dst.len();
         match epilogue {
             Epilogue::None if !relu => {}
             Epilogue::None => dst.iter_mut().for_each(|d| *d = d.max(0.0)),
@@ -376,11 +379,7 @@ pub(super) fn finish(
                 }
             }
             Epilogue::Gate { add, gate } => {
-                let first = co * plane + start;
-                if let Some(a) = add {
-                    dst.iter_mut().zip(&a[first..first + n]).for_each(|(d, a)| *d += a);
-                }
-                gate.close(dst, first);
+                gate.pass(dst, add, co * plane + start);
             }
         }
     }

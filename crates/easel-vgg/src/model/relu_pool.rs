@@ -79,12 +79,7 @@ pub(crate) fn relu_backward(grad: &Tensor, add: Option<&Tensor>, gate: &ReluGate
         }
         const BLOCK: usize = 1 << 14;
         out.par_chunks_mut(BLOCK).enumerate().for_each(|(b, dst)| {
-            let first = b * BLOCK;
-            if let Some(a) = add {
-                let n = dst.len();
-                dst.iter_mut().zip(&a[first..first + n]).for_each(|(d, a)| *d += a);
-            }
-            gate.close(dst, first);
+            gate.pass(dst, add, b * BLOCK);
         });
         Ok(())
     })?;
@@ -191,11 +186,7 @@ pub(crate) fn pool_backward(
                         }
                     }
                 }
-                let first = plane * h * w + y * w;
-                if let Some(a) = add {
-                    row.iter_mut().zip(&a[first..first + w]).for_each(|(d, a)| *d += a);
-                }
-                gate.close(row, first);
+                gate.pass(row, add, plane * h * w + y * w);
             }
         });
         Ok(())
