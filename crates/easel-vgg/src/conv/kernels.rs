@@ -124,7 +124,7 @@ impl<'a> Taps<'a> {
 const IM2COL_BUDGET_BYTES: usize = 6 << 20;
 
 /// Upper bound on one task's im2col buffer and product together when all taps go into one
-/// product (see [`Conv3x3::chunk`]): there the product, `c_out` rows against `9 c_in`, is
+/// product (see [`Conv3x3::chunk_all_taps`]): there the product, `c_out` rows against `9 c_in`, is
 /// the larger part. Under the im2col budget alone, conv1_1's chunks at 512 px had 12 MB
 /// products; keeping both within L2 made it about 1.5x faster.
 const WORKING_SET_BYTES: usize = 3 << 19;
@@ -163,9 +163,12 @@ impl Conv3x3 {
         split_work(p, bytes, budget, threads, p.div_ceil(MIN_CHUNK_PIXELS))
     }
 
-    /// Whether [`Conv3x3::chunk`] puts all taps into one product.
-    fn all_taps(&self, kernel: Taps<'_>) -> bool {
-        matches!(kernel, Taps::Plain(_)) && 9 * self.c_in <= CHANNEL_BLOCK
+    /// The stored kernel, if all its taps go into one product ([`Conv3x3::chunk_all_taps`]).
+    fn all_taps<'k>(&self, kernel: Taps<'k>) -> Option<&'k [f32]> {
+        match kernel {
+            Taps::Plain(k) if 9 * self.c_in <= CHANNEL_BLOCK => Some(k),
+            _ => None,
+        }
     }
 
     /// `conv3x3(input, kernel)` with padding 1, then `epilogue`, then ReLU if `relu`.
@@ -178,13 +181,17 @@ impl Conv3x3 {
         if p == 0 || self.c_out == 0 {
             return out;
         }
-        let ranges = self.chunks(rayon::current_num_threads(), self.all_taps(kernel));
+        let all_taps = self.all_taps(kernel);
+        let ranges = self.chunks(rayon::current_num_threads(), all_taps.is_some());
         let parts = split_planes(&mut out, p, &ranges);
         parts.into_par_iter().zip(ranges).for_each(|(mut rows, range)| {
             SCRATCH.with(|scratch| {
                 let (col, product) = &mut *scratch.borrow_mut();
                 let start = range.start;
-                self.chunk(input, kernel, range, col, product);
+                match all_taps {
+                    Some(k) => self.chunk_all_taps(input, k, range, col, product),
+                    None => self.chunk(input, kernel, range, col, product),
+                }
                 store(&mut rows, product, epilogue, relu, start, p);
             })
         });
@@ -216,14 +223,6 @@ impl Conv3x3 {
     /// of 9 c_in, which makes the result 2-3 times closer to exact (so max pooling picks the
     /// f64 reference's winners more often); the order of operations is the same for every
     /// pixel, so equal inputs still give bit-equal outputs.
-    ///
-    /// With few input channels (conv1_1's 3) a product per tap would have only `c_in` terms,
-    /// and `gemm` would spend its time loading and storing `product`; all `9 c_in` taps then
-    /// go into one product, which the stored kernel's `[c_out, c_in * 9]` layout allows. That
-    /// product runs in f64: conv1_1 reads the pixels themselves (0-255 less the mean, with
-    /// Caffe's pre-processing), where one f32 sum of 27 terms moved a golden gradient entry
-    /// by 1.2e-3 (the tolerance is 1e-3), and a product this small is bound by memory, not
-    /// arithmetic.
     fn chunk(
         &self,
         input: &[f32],
@@ -234,29 +233,6 @@ impl Conv3x3 {
     ) {
         let n = range.len();
         product.resize(self.c_out * n, 0.0);
-        if let (Taps::Plain(k), true) = (kernel, self.all_taps(kernel)) {
-            col.resize(9 * self.c_in * n, 0.0);
-            for tap in 0..9 {
-                // Row ci * 9 + tap, as the kernel's column of that tap.
-                self.im2col_tap(input, range.clone(), tap, col, 9);
-            }
-            WIDE.with(|wide| {
-                let (wide_kernel, wide_col, wide_product) = &mut *wide.borrow_mut();
-                let widen = |to: &mut Vec<f64>, from: &[f32]| {
-                    to.clear();
-                    to.extend(from.iter().map(|&v| f64::from(v)));
-                };
-                widen(wide_kernel, k);
-                widen(wide_col, col);
-                wide_product.resize(self.c_out * n, 0.0);
-                let taps = Strided { data: &wide_kernel[..], row_stride: 9 * self.c_in, col_stride: 1 };
-                matmul(self.c_out, n, 9 * self.c_in, taps, wide_col, wide_product, false);
-                for (p, &w) in product.iter_mut().zip(wide_product.iter()) {
-                    *p = w as f32;
-                }
-            });
-            return;
-        }
         col.resize(self.c_in * n, 0.0);
         for tap in 0..9 {
             self.im2col_tap(input, range.clone(), tap, col, 1);
@@ -266,6 +242,45 @@ impl Conv3x3 {
                 matmul(self.c_out, n, k, taps, &col[first * n..], product, tap > 0 || first > 0);
             }
         }
+    }
+
+    /// [`Conv3x3::chunk`] for few input channels (conv1_1's 3), where a product per tap would
+    /// have only `c_in` terms and `gemm` would spend its time loading and storing `product`:
+    /// all `9 c_in` taps of the stored kernel `k` go into one product, which its
+    /// `[c_out, c_in * 9]` layout allows. That product runs in f64: conv1_1 reads the pixels
+    /// themselves (0-255 less the mean, with Caffe's pre-processing), where one f32 sum of 27
+    /// terms moved a golden gradient entry by 1.2e-3 (the tolerance is 1e-3), and a product
+    /// this small is bound by memory, not arithmetic.
+    fn chunk_all_taps(
+        &self,
+        input: &[f32],
+        k: &[f32],
+        range: Range<usize>,
+        col: &mut Vec<f32>,
+        product: &mut Vec<f32>,
+    ) {
+        let n = range.len();
+        product.resize(self.c_out * n, 0.0);
+        col.resize(9 * self.c_in * n, 0.0);
+        for tap in 0..9 {
+            // Row ci * 9 + tap, as the kernel's column of that tap.
+            self.im2col_tap(input, range.clone(), tap, col, 9);
+        }
+        WIDE.with(|wide| {
+            let (wide_kernel, wide_col, wide_product) = &mut *wide.borrow_mut();
+            let widen = |to: &mut Vec<f64>, from: &[f32]| {
+                to.clear();
+                to.extend(from.iter().map(|&v| f64::from(v)));
+            };
+            widen(wide_kernel, k);
+            widen(wide_col, col);
+            wide_product.resize(self.c_out * n, 0.0);
+            let taps = Strided { data: &wide_kernel[..], row_stride: 9 * self.c_in, col_stride: 1 };
+            matmul(self.c_out, n, 9 * self.c_in, taps, wide_col, wide_product, false);
+            for (p, &w) in product.iter_mut().zip(wide_product.iter()) {
+                *p = w as f32;
+            }
+        });
     }
 
     /// `col[row * n + (p - start)] = input[ci, y + ky - 1, x + kx - 1]` (zero outside the
