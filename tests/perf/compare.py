@@ -11,13 +11,14 @@ sensitive to the machine's drift than the ratio of the fastest runs), and peak R
 JSON line with every raw result.
 
     tests/perf/compare.py [--sizes 128,256,512] [--iters 8] [--repeats 1] [--threads 2]
-                          [--winograd gradients,all]
+                          [--winograd deep,all]
                           [--python /work/torch-venv/bin/python] [--easel target/release/easel]
                           [--weights W.safetensors] [--goal 0.8] [--rss-goal-mb 600]
 
 Each mode of --winograd is a separate easel run (`[model] winograd = MODE` in a config file):
-`gradients` is easel's default, `all` also runs the forward passes as Winograd, `none` is all
-direct convolution.
+`deep` is easel's default (input gradients, and the forward passes from conv3_1 on, as
+Winograd), `gradients` runs only the input gradients as Winograd, `all` every forward pass
+too, `none` is all direct convolution.
 
 Weights default to `easel weights synth --seed 0` written to a temporary folder. The PyTorch
 interpreter defaults to $TORCH_PYTHON, then /work/torch-venv/bin/python, then python3.
@@ -84,8 +85,8 @@ def main():
     ap.add_argument("--weights")
     ap.add_argument("--content", default=os.path.join(ROOT, "tests", "data", "content.png"))
     ap.add_argument("--style", default=os.path.join(ROOT, "tests", "data", "style.png"))
-    ap.add_argument("--winograd", default="gradients,all",
-                    help="easel's model.winograd settings to run, comma-separated (none, gradients, all)")
+    ap.add_argument("--winograd", default="deep,all",
+                    help="easel's model.winograd settings to run, comma-separated (none, gradients, deep, all)")
     ap.add_argument("--only", choices=["easel", "torch"], help="run one tool only")
     ap.add_argument("--goal", type=float, default=0.8, help="target ratio easel/torch")
     ap.add_argument("--rss-goal-mb", type=float, default=600.0, help="target easel peak RSS at 512 px")

@@ -200,8 +200,13 @@ fn model_settings(o: &mut Options<'_>) -> ModelSettings {
         ),
         winograd: o.choice(
             "winograd",
-            Winograd::Gradients,
-            &[("none", Winograd::None), ("gradients", Winograd::Gradients), ("all", Winograd::All)],
+            Winograd::Deep,
+            &[
+                ("none", Winograd::None),
+                ("gradients", Winograd::Gradients),
+                ("deep", Winograd::Deep),
+                ("all", Winograd::All),
+            ],
         ),
         device: device(o),
     }

@@ -35,6 +35,7 @@ fn defaults_are_the_papers_setup() {
     assert_eq!(kinds, ["content", "gram", "tv"]);
     assert_eq!(plan.losses[0].loss.layers(), [easel_core::LayerId::Relu4_2]);
     assert_eq!(plan.losses[1].loss.layers().len(), 5);
+    assert_eq!(plan.model.winograd, Winograd::Deep);
 }
 
 #[test]
@@ -101,7 +102,9 @@ amount = 3
     );
     assert_eq!(errors.len(), 8, "{errors:#?}");
     assert!(
-        errors.iter().any(|e| e.starts_with("model.winograd:") && e.contains("gradients")),
+        errors
+            .iter()
+            .any(|e| e.starts_with("model.winograd:") && e.contains("gradients") && e.contains("deep")),
         "{errors:#?}"
     );
     assert!(errors.contains(&"run.size: expected an integer, got string \"big\"".to_string()), "{errors:#?}");

@@ -132,7 +132,7 @@ impl Vgg19 {
         })
     }
 
-    /// The same model with its convolutions run as `mode` says (default: [`Winograd::Gradients`]).
+    /// The same model with its convolutions run as `mode` says (default: [`Winograd::Deep`]).
     pub fn with_winograd(mut self, mode: Winograd) -> Self {
         self.winograd = mode;
         self
@@ -215,9 +215,9 @@ impl Vgg19 {
                     let ConvWeights { weight, bias, .. } = &self.convs[k];
                     rectified = Some(index + 1) <= last && op(index + 1) == Op::Relu && tap(index).is_none();
                     if rectified {
-                        conv::forward_relu(&x, weight, bias, self.winograd)?
+                        conv::forward_relu(&x, weight, bias, self.winograd.forward_of(k))?
                     } else {
-                        conv::forward(&x, weight, bias, self.winograd)?
+                        conv::forward(&x, weight, bias, self.winograd.forward_of(k))?
                     }
                 }
                 Op::Relu if fused => x,
@@ -274,7 +274,7 @@ impl Vgg19 {
             }
             let Some(g) = grad.take() else { continue };
             grad = Some(match op(index) {
-                Op::Conv(k) => conv::input_grad(&g, &self.convs[k].weight, self.winograd)?,
+                Op::Conv(k) => conv::input_grad(&g, &self.convs[k].weight, self.winograd.gradients())?,
                 Op::Relu => {
                     let out = &trace.relu_outputs[&index];
                     (g * out.gt(0f32)?.to_dtype(DType::F32)?)?
@@ -340,10 +340,10 @@ impl Vgg19 {
                         &self.convs[k].weight,
                         add.as_ref(),
                         gate(index - 1)?,
-                        self.winograd,
+                        self.winograd.gradients(),
                     )?
                 }
-                Op::Conv(k) => conv::input_grad(&g, &self.convs[k].weight, self.winograd)?,
+                Op::Conv(k) => conv::input_grad(&g, &self.convs[k].weight, self.winograd.gradients())?,
                 Op::Relu => relu_pool::relu_backward(&g, None, gate(index)?)?,
                 Op::Pool => {
                     // Every pool of VGG-19 follows a ReLU.
