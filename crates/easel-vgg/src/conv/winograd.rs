@@ -239,128 +239,154 @@ fn row_blocks(tile: Tile, s: &Conv3x3, threads: usize) -> Vec<Range<usize>> {
 /// `U = G g G^T` for every (output, input) channel pair into `u`, laid out `u[co, xi, ci]`
 /// with `xi = n row + column` of the n x n result.
 fn transform_kernel(tile: Tile, s: &Conv3x3, kernel: Taps<'_>, u: &mut Vec<f32>) {
-    let (c_in, n) = (s.c_in, tile.n());
-    u.resize(s.c_out * n * n * c_in, 0.0);
-    u.par_chunks_mut(n * n * c_in)
-        .enumerate()
-        .for_each(|(co, dst)| simd::widest(KernelTransform { tile, s, kernel, co, dst }));
+    let nn = tile.n() * tile.n();
+    u.resize(s.c_out * nn * s.c_in, 0.0);
+    u.par_chunks_mut(KERNEL_BLOCK * nn * s.c_in).enumerate().for_each(|(block, dst)| {
+        KERNEL_SCRATCH.with(|scratch| {
+            let scratch = &mut *scratch.borrow_mut();
+            let first_co = block * KERNEL_BLOCK;
+            simd::widest(KernelTransform { tile, s, kernel, first_co, dst, scratch })
+        })
+    });
 }
 
-/// [`transform_kernel`] for output channel `co`: `dst` is `[n * n, c_in]`.
+/// Output channels whose kernels one task transforms: in the input gradient's (flipped)
+/// layout their taps from one input channel are adjacent, so a task reads whole cache lines.
+const KERNEL_BLOCK: usize = 8;
+
+thread_local! {
+    /// Per-thread scratch of [`transform_kernel_block`], reused across calls.
+    static KERNEL_SCRATCH: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) };
+}
+
+/// [`transform_kernel`] for the output channels `first_co..`, as many as `dst` holds
+/// (`[co, n * n, c_in]`). Kernel transforms run in f64 so that each transformed tap is rounded
+/// once. The taps are first gathered tap-major (`g[co][tap][ci]`), so that each step of the
+/// transform is a loop over the input channels, which the compiler vectorises.
 #[inline(always)]
-fn transform_kernel_row(tile: Tile, s: &Conv3x3, kernel: Taps<'_>, co: usize, dst: &mut [f32]) {
-    let c_in = s.c_in;
-    // The nine taps from input channel `ci`, in the order the convolution applies them.
+fn transform_kernel_block(
+    tile: Tile,
+    s: &Conv3x3,
+    kernel: Taps<'_>,
+    first_co: usize,
+    dst: &mut [f32],
+    scratch: &mut Vec<f64>,
+) {
+    let (c_in, n) = (s.c_in, tile.n());
+    let cos = dst.len() / (n * n * c_in);
+    // Rows of scratch are `c_in` values apart plus a cache line: rows a power of two apart
+    // would share the L1 sets, and the gather below writes 72 of them in turn.
+    let stride = c_in + 8;
+    scratch.resize((cos * 9 + 3 * n + n * n) * stride, 0.0);
+    let (g, rest) = scratch.split_at_mut(cos * 9 * stride);
+    let (t, uu) = rest.split_at_mut(3 * n * stride);
+    // g[(j * 9 + tap) * stride + ci]: tap `tap` (3 row + column, in the order the convolution
+    // applies them) from input channel ci to output channel first_co + j.
     match kernel {
         Taps::Plain(k) => {
-            let row = &k[co * c_in * 9..][..c_in * 9];
-            let taps = |ci: usize| -> [f32; 9] {
-                let mut t = [0f32; 9];
-                t.copy_from_slice(&row[ci * 9..][..9]);
-                t
-            };
-            match tile {
-                Tile::F2 => transform_taps(kernel_1d_f2, c_in, taps, dst),
-                Tile::F4 => transform_taps(kernel_1d_f4, c_in, taps, dst),
+            let src = &k[first_co * c_in * 9..][..cos * c_in * 9];
+            for (j, row) in src.chunks_exact(c_in * 9).enumerate() {
+                for (ci, taps) in row.chunks_exact(9).enumerate() {
+                    for (tap, &value) in taps.iter().enumerate() {
+                        g[(j * 9 + tap) * stride + ci] = f64::from(value);
+                    }
+                }
             }
         }
         Taps::FlippedOf(w) => {
-            let taps = |ci: usize| -> [f32; 9] {
-                let src = &w[(ci * s.c_out + co) * 9..][..9];
-                std::array::from_fn(|tap| src[8 - tap])
-            };
-            match tile {
-                Tile::F2 => transform_taps(kernel_1d_f2, c_in, taps, dst),
-                Tile::F4 => transform_taps(kernel_1d_f4, c_in, taps, dst),
-            }
-        }
-    }
-}
-
-/// Lanes of f64: one value for each of 16 input channels.
-type Lanes64 = [f64; LANES];
-
-/// `G x` for F(2x2): [`G2`] applied to three values per lane.
-#[inline(always)]
-fn kernel_1d_f2(x: [&Lanes64; 3]) -> [Lanes64; 4] {
-    let mut o = [[0f64; LANES]; 4];
-    for l in 0..LANES {
-        let (x0, x1, x2) = (x[0][l], x[1][l], x[2][l]);
-        let s = x0 + x2;
-        o[0][l] = x0;
-        o[1][l] = (s + x1) * G2[1][0];
-        o[2][l] = (s - x1) * G2[1][0];
-        o[3][l] = x2;
-    }
-    o
-}
-
-/// `G x` for F(4x4): [`G4`] applied to three values per lane, sharing the common terms.
-#[inline(always)]
-fn kernel_1d_f4(x: [&Lanes64; 3]) -> [Lanes64; 6] {
-    let mut o = [[0f64; LANES]; 6];
-    for l in 0..LANES {
-        let (x0, x1, x2) = (x[0][l], x[1][l], x[2][l]);
-        let s = x0 + x2;
-        let p = x0 * G4[3][0] + x2 * G4[3][2];
-        let q = x1 * G4[3][1];
-        o[0][l] = x0 * G4[0][0];
-        o[1][l] = (s + x1) * G4[1][0];
-        o[2][l] = (s - x1) * G4[1][0];
-        o[3][l] = p + q;
-        o[4][l] = p - q;
-        o[5][l] = x2;
-    }
-    o
-}
-
-/// `U = G g G^T` (`g` from `taps(ci)`, `G x` from `one_d`) for every input channel, 16 at a
-/// time, into `dst[xi * c_in + ci]`.
-#[inline(always)]
-fn transform_taps<const N: usize>(
-    one_d: impl Fn([&Lanes64; 3]) -> [Lanes64; N],
-    c_in: usize,
-    taps: impl Fn(usize) -> [f32; 9],
-    dst: &mut [f32],
-) {
-    for first in (0..c_in).step_by(LANES) {
-        let lanes = LANES.min(c_in - first);
-        // g[tap][lane] for input channels first..first + lanes (zero beyond).
-        let mut g = [[0f64; LANES]; 9];
-        for (lane, ci) in (first..first + lanes).enumerate() {
-            for (tap, &value) in taps(ci).iter().enumerate() {
-                g[tap][lane] = f64::from(value);
-            }
-        }
-        // t = G g, one kernel column b at a time: t[b][r] is row r of column b.
-        let t: [[Lanes64; N]; 3] = std::array::from_fn(|b| one_d([&g[b], &g[3 + b], &g[6 + b]]));
-        // U = t G^T: row r of U is G applied to row r of t.
-        for r in 0..N {
-            let row = one_d([&t[0][r], &t[1][r], &t[2][r]]);
-            for (c, values) in row.iter().enumerate() {
-                let out = &mut dst[(r * N + c) * c_in + first..][..lanes];
-                for (o, &v) in out.iter_mut().zip(values) {
-                    *o = v as f32;
+            // w is the forward kernel [c_in][c_out][9] of this shape, read flipped.
+            for ci in 0..c_in {
+                let src = &w[(ci * s.c_out + first_co) * 9..][..cos * 9];
+                for (j, taps) in src.chunks_exact(9).enumerate() {
+                    for (tap, &value) in taps.iter().enumerate() {
+                        g[(j * 9 + 8 - tap) * stride + ci] = f64::from(value);
+                    }
                 }
             }
         }
     }
+    for (g, dst) in g.chunks_exact(9 * stride).zip(dst.chunks_exact_mut(n * n * c_in)) {
+        // t = G g, one kernel column b at a time: rows b n.. of t are G applied to column b.
+        for (b, t_b) in t.chunks_exact_mut(n * stride).enumerate() {
+            let x =
+                [&g[b * stride..][..c_in], &g[(3 + b) * stride..][..c_in], &g[(6 + b) * stride..][..c_in]];
+            kernel_1d(tile, x, t_b, stride);
+        }
+        // U = t G^T: row r of U is G applied to row r of t (row r of each column's result).
+        for (r, u_r) in uu.chunks_exact_mut(n * stride).enumerate() {
+            let t_row = |b: usize| &t[(b * n + r) * stride..][..c_in];
+            kernel_1d(tile, [t_row(0), t_row(1), t_row(2)], u_r, stride);
+        }
+        for (d, u) in dst.chunks_exact_mut(c_in).zip(uu.chunks_exact(stride)) {
+            for (d, &v) in d.iter_mut().zip(u) {
+                *d = v as f32;
+            }
+        }
+    }
 }
 
-/// [`transform_kernel_row`], compiled for the CPU's vector unit.
+/// `G x` along one axis of the kernel, for every input channel: `x` holds three rows of
+/// kernel values (one per input channel), `out` gets the n rows of the result, `stride`
+/// apart.
+#[inline(always)]
+fn kernel_1d(tile: Tile, x: [&[f64]; 3], out: &mut [f64], stride: usize) {
+    let len = x[0].len();
+    let (x0, x1, x2) = (x[0], &x[1][..len], &x[2][..len]);
+    match tile {
+        Tile::F2 => {
+            let [o0, o1, o2, o3] = rows(out, len, stride);
+            for i in 0..len {
+                let s = x0[i] + x2[i];
+                o0[i] = x0[i];
+                o1[i] = (s + x1[i]) * G2[1][0];
+                o2[i] = (s - x1[i]) * G2[1][0];
+                o3[i] = x2[i];
+            }
+        }
+        Tile::F4 => {
+            // The common terms of G4's rows, shared.
+            let [o0, o1, o2, o3, o4, o5] = rows(out, len, stride);
+            for i in 0..len {
+                let s = x0[i] + x2[i];
+                let p = x0[i] * G4[3][0] + x2[i] * G4[3][2];
+                let q = x1[i] * G4[3][1];
+                o0[i] = x0[i] * G4[0][0];
+                o1[i] = (s + x1[i]) * G4[1][0];
+                o2[i] = (s - x1[i]) * G4[1][0];
+                o3[i] = p + q;
+                o4[i] = p - q;
+                o5[i] = x2[i];
+            }
+        }
+    }
+}
+
+/// The first `N` rows of `out`, `stride` apart, `len` values each.
+#[inline(always)]
+fn rows<const N: usize>(out: &mut [f64], len: usize, stride: usize) -> [&mut [f64]; N] {
+    let mut rest = out;
+    std::array::from_fn(|_| {
+        let (row, tail) = std::mem::take(&mut rest).split_at_mut(stride);
+        rest = tail;
+        &mut row[..len]
+    })
+}
+
+/// [`transform_kernel_block`], compiled for the CPU's vector unit.
 struct KernelTransform<'a> {
     tile: Tile,
     s: &'a Conv3x3,
     kernel: Taps<'a>,
-    co: usize,
+    first_co: usize,
     dst: &'a mut [f32],
+    scratch: &'a mut Vec<f64>,
 }
 
 impl Kernel for KernelTransform<'_> {
     type Output = ();
     #[inline(always)]
     fn run(self) {
-        transform_kernel_row(self.tile, self.s, self.kernel, self.co, self.dst)
+        transform_kernel_block(self.tile, self.s, self.kernel, self.first_co, self.dst, self.scratch)
     }
 }
 
