@@ -208,8 +208,8 @@ fn run_blocks(
         SCRATCH.with(|scratch| {
             let (v, prod) = &mut *scratch.borrow_mut();
             let tiles = block.len() * tiles_x;
-            v.resize(nn * s.c_in * tiles, 0.0);
-            prod.resize(nn * s.c_out * tiles, 0.0);
+            v.resize(nn * plane_len(s.c_in, tiles), 0.0);
+            prod.resize(nn * plane_len(s.c_out, tiles), 0.0);
             simd::widest(InputTransform { tile, s, input, rows: block.clone(), v });
             for xi in 0..nn {
                 for first in (0..s.c_in).step_by(CHANNEL_BLOCK) {
@@ -217,8 +217,8 @@ fn run_blocks(
                     // u[co, xi, ci] is at (co * nn + xi) * c_in + ci.
                     let lhs =
                         Strided { data: &u[xi * s.c_in + first..], row_stride: nn * s.c_in, col_stride: 1 };
-                    let rhs = &v[(xi * s.c_in + first) * tiles..];
-                    let dst = &mut prod[xi * s.c_out * tiles..][..s.c_out * tiles];
+                    let rhs = &v[xi * plane_len(s.c_in, tiles) + first * tiles..];
+                    let dst = &mut prod[xi * plane_len(s.c_out, tiles)..][..s.c_out * tiles];
                     matmul(s.c_out, tiles, k, lhs, rhs, dst, first > 0);
                 }
             }
@@ -226,6 +226,14 @@ fn run_blocks(
             finish(&mut rows, epilogue, relu, pixels.start, plane);
         })
     });
+}
+
+/// Length of one of the n x n planes `[channels, tiles]` of the transformed input or the
+/// products, as laid out one after another: a cache line longer than the data, because the
+/// transforms read or write all n x n planes in turn, and planes a multiple of 4 KB apart
+/// (as VGG's channel and tile counts often make them) would share the same L1 sets.
+fn plane_len(channels: usize, tiles: usize) -> usize {
+    channels * tiles + 16
 }
 
 /// Splits the tile rows into blocks: a multiple of the thread count, each within the budget.
@@ -466,6 +474,7 @@ fn transform_input(tile: Tile, s: &Conv3x3, input: &[f32], rows: Range<usize>, v
     let (h, w, m, n) = (s.height, s.width, tile.m(), tile.n());
     let tiles_x = w.div_ceil(m);
     let tiles = rows.len() * tiles_x;
+    let v_plane = plane_len(s.c_in, tiles);
     // cols[c][r][lane]: column c, row r of lane's patch, zero outside the image. Every lane in
     // use is rewritten for each group of tiles; the others hold stale values never stored.
     let mut cols = [[[0f32; LANES]; 6]; 6];
@@ -475,7 +484,11 @@ fn transform_input(tile: Tile, s: &Conv3x3, input: &[f32], rows: Range<usize>, v
                 let lanes = LANES.min(tiles_x - tx0);
                 // Patches of this group start at column x0 + m * lane.
                 let x0 = (m * tx0) as isize - 1;
-                let interior = lanes == LANES && x0 >= 0 && x0 as usize + m * (LANES - 1) + n <= w;
+                // The columns all lanes' patches span: x0..x0 + span.
+                let span = m * (LANES - 1) + n;
+                let interior = x0 >= 0 && x0 as usize + span <= w;
+                // Away from the interior, a copy of the span with zeros outside the image.
+                let mut padded = [0f32; 4 * LANES + 2];
                 for r in 0..n {
                     let y = (m * ty + r) as isize - 1;
                     if y < 0 || y >= h as isize {
@@ -483,32 +496,31 @@ fn transform_input(tile: Tile, s: &Conv3x3, input: &[f32], rows: Range<usize>, v
                         continue;
                     }
                     let row = &plane[y as usize * w..][..w];
-                    if interior {
-                        // Columns 0..m of every lane's patch, then 2..m + 2 (the last two).
-                        let x0 = x0 as usize;
-                        let mut head = [[0f32; LANES]; 4];
-                        let mut tail = [[0f32; LANES]; 4];
-                        match tile {
-                            Tile::F2 => {
-                                deinterleave::<2>(&row[x0..], &mut head);
-                                deinterleave::<2>(&row[x0 + 2..], &mut tail);
-                            }
-                            Tile::F4 => {
-                                deinterleave::<4>(&row[x0..], &mut head);
-                                deinterleave::<4>(&row[x0 + 2..], &mut tail);
-                            }
+                    let span_row = if interior {
+                        &row[x0 as usize..][..span]
+                    } else {
+                        let lo = x0.max(0) as usize;
+                        let hi = (x0 + span as isize).min(w as isize) as usize;
+                        let at = (lo as isize - x0) as usize;
+                        padded[..span].fill(0.0);
+                        padded[at..at + (hi - lo)].copy_from_slice(&row[lo..hi]);
+                        &padded[..span]
+                    };
+                    // Columns 0..m of every lane's patch, then 2..m + 2 (the last two).
+                    let mut head = [[0f32; LANES]; 4];
+                    let mut tail = [[0f32; LANES]; 4];
+                    match tile {
+                        Tile::F2 => {
+                            deinterleave::<2>(span_row, &mut head);
+                            deinterleave::<2>(&span_row[2..], &mut tail);
                         }
-                        for (c, col) in cols.iter_mut().enumerate().take(n) {
-                            col[r] = if c < m { head[c] } else { tail[c - 2] };
+                        Tile::F4 => {
+                            deinterleave::<4>(span_row, &mut head);
+                            deinterleave::<4>(&span_row[2..], &mut tail);
                         }
-                        continue;
                     }
-                    for lane in 0..lanes {
-                        let start = x0 + (m * lane) as isize;
-                        for (c, col) in cols.iter_mut().enumerate().take(n) {
-                            let x = start + c as isize;
-                            col[r][lane] = if x >= 0 && x < w as isize { row[x as usize] } else { 0.0 };
-                        }
+                    for (c, col) in cols.iter_mut().enumerate().take(n) {
+                        col[r] = if c < m { head[c] } else { tail[c - 2] };
                     }
                 }
                 // Along the rows of each column, then along the columns of each result row.
@@ -522,7 +534,7 @@ fn transform_input(tile: Tile, s: &Conv3x3, input: &[f32], rows: Range<usize>, v
                     let out = input_1d(tile, row);
                     for (c, values) in out.iter().enumerate().take(n) {
                         let xi = r * n + c;
-                        let dst = &mut v[(xi * s.c_in + ci) * tiles + first..];
+                        let dst = &mut v[xi * v_plane + ci * tiles + first..];
                         if lanes == LANES {
                             // A fixed length: register stores instead of a call to memcpy.
                             dst[..LANES].copy_from_slice(values);
@@ -543,6 +555,7 @@ fn transform_output(tile: Tile, s: &Conv3x3, p: &[f32], rows: Range<usize>, out:
     let (h, w, m, n) = (s.height, s.width, tile.m(), tile.n());
     let tiles_x = w.div_ceil(m);
     let tiles = rows.len() * tiles_x;
+    let p_plane = plane_len(s.c_out, tiles);
     let y_base = m * rows.start;
     // cols[c][r][lane] = p[n r + c] of lane's tile (stale beyond the lanes in use).
     let mut cols = [[[0f32; LANES]; 6]; 6];
@@ -553,7 +566,7 @@ fn transform_output(tile: Tile, s: &Conv3x3, p: &[f32], rows: Range<usize>, out:
                 let first = (ty - rows.start) * tiles_x + tx0;
                 for (c, col) in cols.iter_mut().enumerate().take(n) {
                     for (r, values) in col.iter_mut().enumerate().take(n) {
-                        let src = &p[((r * n + c) * s.c_out + co) * tiles + first..];
+                        let src = &p[(r * n + c) * p_plane + co * tiles + first..];
                         if lanes == LANES {
                             values.copy_from_slice(&src[..LANES]);
                         } else {
