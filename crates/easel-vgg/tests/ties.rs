@@ -8,14 +8,18 @@ use candle_core::{Device, Tensor};
 use easel_core::LayerId;
 use easel_vgg::{Pooling, Preprocess, Vgg19, WeightsFile, Winograd};
 
-#[test]
-fn flat_images_give_position_independent_features() {
+/// VGG-19 to relu3_1 with max pooling, on synthetic weights (seed 0).
+fn model() -> Vgg19 {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("w.safetensors");
     easel_vgg::synth::write(0, &path).unwrap();
     let weights = WeightsFile::open(&path).unwrap();
-    let vgg =
-        Vgg19::load(&weights, LayerId::Relu3_1, Pooling::Max, Preprocess::Torchvision, &Device::Cpu).unwrap();
+    Vgg19::load(&weights, LayerId::Relu3_1, Pooling::Max, Preprocess::Torchvision, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn flat_images_give_position_independent_features() {
+    let vgg = model();
     // A flat image: away from the zero padding every position sees the same patch.
     let x = Tensor::full(0.37f32, (1, 3, 96, 128), &Device::Cpu).unwrap();
     let taps = [LayerId::Conv1_1, LayerId::Conv1_2, LayerId::Conv2_1, LayerId::Conv2_2, LayerId::Conv3_1];
@@ -30,12 +34,7 @@ fn flat_images_give_position_independent_features() {
 /// (here as F(2x2)) with Winograd's rounding: close to the direct path's, not equal.
 #[test]
 fn deep_mode_runs_winograd_from_conv3_1_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("w.safetensors");
-    easel_vgg::synth::write(0, &path).unwrap();
-    let weights = WeightsFile::open(&path).unwrap();
-    let vgg =
-        Vgg19::load(&weights, LayerId::Relu3_1, Pooling::Max, Preprocess::Torchvision, &Device::Cpu).unwrap();
+    let vgg = model();
     let x = Tensor::rand(0f32, 1f32, (1, 3, 96, 128), &Device::Cpu).unwrap();
     let taps = [LayerId::Conv2_2, LayerId::Conv3_1];
     let run = |mode| vgg.clone().with_winograd(mode).forward(&x, &taps).unwrap();
