@@ -156,7 +156,7 @@ def main():
                   f"{(format(e['other_cpu'], '.2f') if e else '-'):>6}/"
                   f"{(format(t['other_cpu'], '.2f') if t else '-'):<7} {loss_ratio:10.4f}")
     print(f"goal: ratio <= {args.goal} at 256 and 512 px; easel peak RSS <= {args.rss_goal_mb:.0f} MB at 512 px "
-          f"(torch RSS includes its ~300 MB of libraries)")
+          f"(torch RSS includes its libraries: rss_baseline_mb, ~590 MB here, in its raw JSON)")
     print(json.dumps(dict(threads=args.threads, iters=args.iters, repeats=args.repeats, weights=weights,
                           results=[{k: ({kk: vv for kk, vv in v.items() if kk != "raw"} if isinstance(v, dict) else v)
                                     for k, v in r.items()} for r in results],
