@@ -433,26 +433,35 @@ impl Kernel for OutputTransform<'_, '_> {
     }
 }
 
-/// `out[k][lane] = src[M lane + k]` for `k < M`: every lane's first `M` values, where lanes
-/// start `M` apart. Written as one pass over `src` so that the compiler can use shuffles.
+/// `phases[p][i] = row[M i + p]`: the `M` polyphase components of `row` (`M` times as
+/// long as each of them). Written as one long loop over `row` so that the compiler turns the
+/// strided reads into shuffles of whole vectors.
 #[inline(always)]
-fn deinterleave<const M: usize>(src: &[f32], out: &mut [[f32; LANES]; 4]) {
-    let src = &src[..M * LANES];
-    for lane in 0..LANES {
-        for k in 0..M {
-            out[k][lane] = src[M * lane + k];
+fn split_phases<const M: usize>(row: &[f32], phases: &mut [f32], len: usize) {
+    let (row, phases) = (&row[..M * len], &mut phases[..M * len]);
+    let mut parts = phases.chunks_exact_mut(len);
+    let mut parts: [&mut [f32]; M] = std::array::from_fn(|_| parts.next().expect("M parts"));
+    for (i, values) in row.chunks_exact(M).enumerate() {
+        for (part, &value) in parts.iter_mut().zip(values) {
+            part[i] = value;
         }
     }
 }
 
-/// `dst[M lane + k] = values[k][lane]` for `k < M`: the inverse of [`deinterleave`].
+/// `row[M i + p] = phases[p][i]`, the inverse of [`split_phases`], for as much of `row` as
+/// there is (its length need not be a multiple of `M`).
 #[inline(always)]
-fn interleave<const M: usize>(values: &[[f32; LANES]; 4], dst: &mut [f32]) {
-    let dst = &mut dst[..M * LANES];
-    for lane in 0..LANES {
-        for k in 0..M {
-            dst[M * lane + k] = values[k][lane];
+fn merge_phases<const M: usize>(phases: &[f32], len: usize, row: &mut [f32]) {
+    let parts: [&[f32]; M] = std::array::from_fn(|p| &phases[p * len..][..len]);
+    let i = row.len() / M;
+    let mut chunks = row.chunks_exact_mut(M);
+    for (i, values) in chunks.by_ref().enumerate() {
+        for (value, part) in values.iter_mut().zip(&parts) {
+            *value = part[i];
         }
+    }
+    for (value, part) in chunks.into_remainder().iter_mut().zip(&parts) {
+        *value = part[i];
     }
 }
 
@@ -470,58 +479,48 @@ fn transpose(g: &[Six; 6]) -> [Six; 6] {
 
 /// `v[xi, ci, tile] = (B^T d B)[xi]` for the n x n input patch `d` of every tile of the
 /// tile rows `rows` (tiles numbered row by row from the block's first).
+///
+/// Column `c` of the patches of tiles `tx..tx + 16` is every m-th pixel of a row from
+/// `m tx + c - 1` on; so each input row the block needs is first split into its m polyphase
+/// components (zero outside the image), from which every column of 16 patches is one
+/// contiguous load.
 #[inline(always)]
 fn transform_input(tile: Tile, s: &Conv3x3, input: &[f32], rows: Range<usize>, v: &mut [f32]) {
     let (h, w, m, n) = (s.height, s.width, tile.m(), tile.n());
     let tiles_x = w.div_ceil(m);
     let tiles = rows.len() * tiles_x;
     let v_plane = plane_len(s.c_in, tiles);
-    // cols[c][r][lane]: column c, row r of lane's patch, zero outside the image. Every lane in
-    // use is rewritten for each group of tiles; the others hold stale values never stored.
+    // Each phase of a row holds whole groups of 16 tiles and one more value (columns m..n of
+    // a patch are columns 0..2 of the next tile's).
+    let len = tiles_x.next_multiple_of(LANES) + 1;
+    // Input rows m tile_row - 1 ..= m tile_row + m of every tile row: the block's rows, with
+    // the one above and the one below it.
+    let (y0, lines) = ((m * rows.start) as isize - 1, m * rows.len() + 2);
+    let mut padded = vec![0f32; m * len];
+    let mut phases = vec![0f32; lines * m * len];
+    // cols[c][r][lane]: column c, row r of lane's patch.
     let mut cols = [[[0f32; LANES]; 6]; 6];
-    // Away from the interior, a copy of a row's span with zeros outside the image.
-    let mut padded = [0f32; 4 * LANES + 2];
     for (ci, plane) in input.chunks_exact(h * w).enumerate() {
+        for (k, line) in phases.chunks_exact_mut(m * len).enumerate() {
+            let y = y0 + k as isize;
+            if y < 0 || y >= h as isize {
+                line.fill(0.0);
+                continue;
+            }
+            // Pixel x at x + 1: a patch's first column is the pixel left of its tile.
+            padded[1..=w].copy_from_slice(&plane[y as usize * w..][..w]);
+            match tile {
+                Tile::F2 => split_phases::<2>(&padded, line, len),
+                Tile::F4 => split_phases::<4>(&padded, line, len),
+            }
+        }
         for ty in rows.clone() {
             for tx0 in (0..tiles_x).step_by(LANES) {
                 let lanes = LANES.min(tiles_x - tx0);
-                // Patches of this group start at column x0 + m * lane.
-                let x0 = (m * tx0) as isize - 1;
-                // The columns all lanes' patches span: x0..x0 + span.
-                let span = m * (LANES - 1) + n;
-                let interior = x0 >= 0 && x0 as usize + span <= w;
-                for r in 0..n {
-                    let y = (m * ty + r) as isize - 1;
-                    if y < 0 || y >= h as isize {
-                        cols.iter_mut().take(n).for_each(|col| col[r] = [0.0; LANES]);
-                        continue;
-                    }
-                    let row = &plane[y as usize * w..][..w];
-                    let span_row = if interior {
-                        &row[x0 as usize..][..span]
-                    } else {
-                        let lo = x0.max(0) as usize;
-                        let hi = (x0 + span as isize).min(w as isize) as usize;
-                        let at = (lo as isize - x0) as usize;
-                        padded[..span].fill(0.0);
-                        padded[at..at + (hi - lo)].copy_from_slice(&row[lo..hi]);
-                        &padded[..span]
-                    };
-                    // Columns 0..m of every lane's patch, then 2..m + 2 (the last two).
-                    let mut head = [[0f32; LANES]; 4];
-                    let mut tail = [[0f32; LANES]; 4];
-                    match tile {
-                        Tile::F2 => {
-                            deinterleave::<2>(span_row, &mut head);
-                            deinterleave::<2>(&span_row[2..], &mut tail);
-                        }
-                        Tile::F4 => {
-                            deinterleave::<4>(span_row, &mut head);
-                            deinterleave::<4>(&span_row[2..], &mut tail);
-                        }
-                    }
+                for (r, line) in phases.chunks_exact(m * len).skip(m * (ty - rows.start)).take(n).enumerate()
+                {
                     for (c, col) in cols.iter_mut().enumerate().take(n) {
-                        col[r] = if c < m { head[c] } else { tail[c - 2] };
+                        col[r].copy_from_slice(&line[(c % m) * len + tx0 + c / m..][..LANES]);
                     }
                 }
                 // Along the rows of each column, then along the columns of each result row.
@@ -551,6 +550,9 @@ fn transform_input(tile: Tile, s: &Conv3x3, input: &[f32], rows: Range<usize>, v
 
 /// Writes `A^T p A` of the products `p[xi, co, tile]` into the block's output rows (raw
 /// sums: the epilogue comes after).
+///
+/// Each output row of a tile row is gathered as its m polyphase components (output column j
+/// of every tile), which the transform writes with whole-vector stores, and then merged.
 #[inline(always)]
 fn transform_output(tile: Tile, s: &Conv3x3, p: &[f32], rows: Range<usize>, out: &mut [&mut [f32]]) {
     let (h, w, m, n) = (s.height, s.width, tile.m(), tile.n());
@@ -558,6 +560,9 @@ fn transform_output(tile: Tile, s: &Conv3x3, p: &[f32], rows: Range<usize>, out:
     let tiles = rows.len() * tiles_x;
     let p_plane = plane_len(s.c_out, tiles);
     let y_base = m * rows.start;
+    let len = tiles_x.next_multiple_of(LANES);
+    // phases[i][j][tile]: output column j of each tile in the tile row's output row i.
+    let mut phases = vec![0f32; m * m * len];
     // cols[c][r][lane] = p[n r + c] of lane's tile (stale beyond the lanes in use).
     let mut cols = [[[0f32; LANES]; 6]; 6];
     for (co, dst) in out.iter_mut().enumerate() {
@@ -582,28 +587,21 @@ fn transform_output(tile: Tile, s: &Conv3x3, p: &[f32], rows: Range<usize>, out:
                         down[i][c] = values;
                     }
                 }
-                let x0 = m * tx0;
-                let interior = lanes == LANES && x0 + m * LANES <= w;
                 for (i, row) in down.iter().enumerate().take(m) {
-                    let y = m * ty + i;
-                    if y >= h {
-                        break;
+                    for (j, values) in output_1d(tile, row).iter().enumerate().take(m) {
+                        phases[(i * m + j) * len + tx0..][..LANES].copy_from_slice(values);
                     }
-                    let values = output_1d(tile, row);
-                    let line = &mut dst[(y - y_base) * w..][..w];
-                    if interior {
-                        match tile {
-                            Tile::F2 => interleave::<2>(&values, &mut line[x0..]),
-                            Tile::F4 => interleave::<4>(&values, &mut line[x0..]),
-                        }
-                        continue;
-                    }
-                    for lane in 0..lanes {
-                        let x = x0 + m * lane;
-                        for (j, out_j) in values.iter().enumerate().take(w.saturating_sub(x).min(m)) {
-                            line[x + j] = out_j[lane];
-                        }
-                    }
+                }
+            }
+            for (i, row_phases) in phases.chunks_exact(m * len).enumerate() {
+                let y = m * ty + i;
+                if y >= h {
+                    break;
+                }
+                let line = &mut dst[(y - y_base) * w..][..w];
+                match tile {
+                    Tile::F2 => merge_phases::<2>(row_phases, len, line),
+                    Tile::F4 => merge_phases::<4>(row_phases, len, line),
                 }
             }
         }
@@ -641,8 +639,8 @@ mod tests {
     #[test]
     fn matches_exact_convolution_on_ragged_tiles() {
         // Sides that are not multiples of the tile, a single tile, channel counts that are
-        // not multiples of the lane or channel block; rows wide enough for groups of 16 tiles
-        // away from both borders (the interior paths of the transforms).
+        // not multiples of the lane or channel block; rows of several groups of 16 tiles, the
+        // last one partly used.
         for tile in [Tile::F2, Tile::F4] {
             for (i, &(c_in, c_out, height, width)) in [
                 (16, 16, 4, 4),
