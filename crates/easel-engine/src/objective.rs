@@ -3,7 +3,7 @@
 use candle_core::{DType, Tensor, Var};
 use easel_config::WeightedLoss;
 use easel_core::{CoreError, FeatureMaps, LayerId, Objective};
-use easel_vgg::{Trace, Vgg19};
+use easel_vgg::Vgg19;
 
 use crate::EngineError;
 
@@ -48,13 +48,13 @@ impl<'a> StyleObjective<'a> {
         self.evaluations
     }
 
-    /// Value and pixel gradient of `sum_i scale_i * loss_i` over the given features.
-    fn value_and_grad(
+    /// Value of `sum_i scale_i * loss_i` over the given features, and its gradient w.r.t.
+    /// each tap.
+    fn value_and_tap_grads(
         &self,
         features: &FeatureMaps,
-        trace: &Trace,
         terms: &[(&WeightedLoss, f64)],
-    ) -> Result<(f64, Tensor), EngineError> {
+    ) -> Result<(f64, Vec<(LayerId, Tensor)>), EngineError> {
         let mut value = 0.0;
         let mut tap_grads: Vec<(LayerId, Tensor)> = Vec::new();
         let mut autograd_terms = Vec::new();
@@ -93,8 +93,7 @@ impl<'a> StyleObjective<'a> {
                 }
             }
         }
-        let grad = self.vgg.backward(trace, &tap_grads)?;
-        Ok((value, grad))
+        Ok((value, tap_grads))
     }
 
     /// Each loss's unweighted value and gradient norm at `x`, one forward pass for all.
@@ -103,7 +102,8 @@ impl<'a> StyleObjective<'a> {
         self.losses
             .iter()
             .map(|loss| {
-                let (value, grad) = self.value_and_grad(&features, &trace, &[(loss, 1.0)])?;
+                let (value, tap_grads) = self.value_and_tap_grads(&features, &[(loss, 1.0)])?;
+                let grad = self.vgg.backward(&trace, &tap_grads)?;
                 Ok(LossReport { kind: loss.kind, weight: loss.weight, value, grad_l2: l2_norm(&grad)? })
             })
             .collect()
@@ -114,7 +114,11 @@ impl<'a> StyleObjective<'a> {
         self.evaluations += 1;
         let (features, trace) = self.vgg.forward_traced(x, &self.taps)?;
         let terms: Vec<(&WeightedLoss, f64)> = self.losses.iter().map(|l| (l, l.weight)).collect();
-        self.value_and_grad(&features, &trace, &terms)
+        let (value, tap_grads) = self.value_and_tap_grads(&features, &terms)?;
+        // The backward pass needs only the trace: freeing the taps first lowers the peak
+        // memory (by ~100 MB at 512 px) on the CPU, where the trace keeps none of them.
+        drop(features);
+        Ok((value, self.vgg.backward(&trace, &tap_grads)?))
     }
 }
 

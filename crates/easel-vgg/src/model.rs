@@ -78,9 +78,9 @@ pub struct Vgg19 {
 /// What the forward pass kept for [`Vgg19::backward`]: the ReLU outputs (masks for the ReLU
 /// gradient and inputs of the pools), and the pre-processed input's shape.
 ///
-/// On the CPU, instead: each ReLU's mask (its output only where that is a tap, which the
-/// caller holds anyway; else one bit per element) and each pool's input shape and, for max
-/// pooling, the winner of every window.
+/// On the CPU, instead: each ReLU's mask (one bit per element, so the caller can drop the taps
+/// once it has their gradients) and each pool's input shape and, for max pooling, the winner
+/// of every window.
 pub struct Trace {
     relu_outputs: BTreeMap<usize, Tensor>,
     gates: BTreeMap<usize, ReluGate>,
@@ -241,7 +241,7 @@ impl Vgg19 {
             };
             if keep && op(index) == Op::Relu {
                 if cpu {
-                    gates.insert(index, ReluGate::record(&x, tap(index).is_some())?);
+                    gates.insert(index, ReluGate::record(&x)?);
                 } else {
                     relu_outputs.insert(index, x.clone());
                 }

@@ -20,54 +20,36 @@ pub struct Conv3x3 {
     pub width: usize,
 }
 
-/// Which elements of a gradient pass back through a ReLU: those where its output was > 0.
+/// Which elements of a gradient pass back through a ReLU: those where its output was > 0,
+/// one bit per element (element `i` is bit `i % 64` of word `i / 64`): 1/32 of the memory of
+/// keeping the output.
 #[derive(Debug, Clone, Copy)]
-pub enum Gate<'a> {
-    /// The ReLU's output itself.
-    Output(&'a [f32]),
-    /// One bit per element (element `i` is bit `i % 64` of word `i / 64`), set where the
-    /// output was > 0: 1/32 of the memory of keeping the output.
-    Bits(&'a [u64]),
-}
+pub struct Gate<'a>(pub &'a [u64]);
 
 impl Gate<'_> {
     /// The ReLU's backward pass in place: `values` (elements `first..` of the gradient) become
     /// `values + add` where the ReLU output was > 0 and 0 elsewhere. `add`, if any, is the
-    /// ReLU's own upstream gradient, whole. The gate's kind is matched once per slice, not
-    /// per element.
+    /// ReLU's own upstream gradient, whole.
     pub fn pass(&self, values: &mut [f32], add: Option<&[f32]>, first: usize) {
         let n = values.len();
         if let Some(a) = add {
             values.iter_mut().zip(&a[first..first + n]).for_each(|(d, a)| *d += a);
         }
-        match self {
-            Gate::Output(v) => {
-                for (d, &o) in values.iter_mut().zip(&v[first..first + n]) {
-                    // NaN does not pass, as with the bits.
-                    *d = if o > 0.0 { *d } else { 0.0 };
-                }
-            }
-            Gate::Bits(b) => {
-                for (j, d) in values.iter_mut().enumerate() {
-                    let i = first + j;
-                    if (b[i / 64] >> (i % 64)) & 1 == 0 {
-                        *d = 0.0;
-                    }
-                }
+        for (j, d) in values.iter_mut().enumerate() {
+            let i = first + j;
+            if (self.0[i / 64] >> (i % 64)) & 1 == 0 {
+                *d = 0.0;
             }
         }
     }
 
-    /// Number of elements it covers, at least (bit masks round up to 64).
+    /// Number of elements it covers, at least (it rounds up to 64).
     pub fn len(&self) -> usize {
-        match self {
-            Gate::Output(v) => v.len(),
-            Gate::Bits(b) => b.len() * 64,
-        }
+        self.0.len() * 64
     }
 }
 
-/// Packs `values > 0` into the bits of a [`Gate::Bits`] mask.
+/// Packs `values > 0` (NaN is not) into the bits of a [`Gate`].
 pub fn positive_bits(values: &[f32]) -> Vec<u64> {
     values
         .chunks(64)

@@ -684,7 +684,7 @@ mod tests {
         let add = noise(s.c_out * p, 4);
         let gate_values = noise(s.c_out * p, 5);
         let bits = super::super::kernels::positive_bits(&gate_values);
-        let gate = super::super::kernels::Gate::Bits(&bits);
+        let gate = super::super::kernels::Gate(&bits);
         for tile in [Tile::F2, Tile::F4] {
             for (epilogue, relu) in [
                 (Epilogue::None, false),

@@ -1,8 +1,8 @@
 //! CPU loops for the ReLU and 2x2 pooling around the convolutions, their backward passes fused.
 //!
-//! What backward needs is kept small: a ReLU output that is not a tap becomes a bit mask,
-//! and max pooling remembers which of its four inputs won (one byte per output), so the
-//! trace holds no full-size activations of its own. Each backward step writes its result
+//! What backward needs is kept small: every ReLU output becomes a bit mask, and max pooling
+//! remembers which of its four inputs won (one byte per output), so the trace holds no
+//! full-size activations, not even the taps'. Each backward step writes its result
 //! once, with the ReLU below it (and that ReLU's tap gradient) folded in.
 
 use candle_core::{DType, Device, Layout, Result, Storage, Tensor};
@@ -11,34 +11,21 @@ use rayon::prelude::*;
 use crate::conv::Gate;
 
 /// What the backward pass of one ReLU needs: which of its outputs were positive.
-pub(crate) enum ReluGate {
-    /// The output itself, when it is kept anyway (a tap the caller holds).
-    Output(Tensor),
-    /// One bit per element.
-    Bits(Vec<u64>),
-}
+/// One bit per element, even for a tap's ReLU: the caller may then drop the taps before the
+/// backward pass (at 512 px they are ~100 MB).
+pub(crate) struct ReluGate(Vec<u64>);
 
 impl ReluGate {
-    /// The gate of ReLU output `out`: the tensor itself if `shared` (no copy), else its bits.
-    pub(crate) fn record(out: &Tensor, shared: bool) -> Result<Self> {
-        if shared {
-            return Ok(Self::Output(out.clone()));
-        }
+    /// The gate of ReLU output `out`.
+    pub(crate) fn record(out: &Tensor) -> Result<Self> {
         let out = contiguous_f32(out)?;
         let (storage, layout) = out.storage_and_layout();
-        Ok(Self::Bits(crate::conv::positive_bits(slice(&storage, layout)?)))
+        Ok(Self(crate::conv::positive_bits(slice(&storage, layout)?)))
     }
 
     /// Runs `f` with the gate's data.
     pub(crate) fn with<R>(&self, f: impl FnOnce(Gate<'_>) -> Result<R>) -> Result<R> {
-        match self {
-            Self::Bits(bits) => f(Gate::Bits(bits)),
-            Self::Output(t) => {
-                let t = contiguous_f32(t)?;
-                let (storage, layout) = t.storage_and_layout();
-                f(Gate::Output(slice(&storage, layout)?))
-            }
-        }
+        f(Gate(&self.0))
     }
 }
 
@@ -221,7 +208,7 @@ mod tests {
         assert_eq!(winners, [0, 1]);
         // The gradient goes to the winners only, and through the ReLU mask of x (all > 0
         // but the 0.0), plus the tap gradient `add` everywhere the mask is open.
-        let gate = ReluGate::record(&x, false).unwrap();
+        let gate = ReluGate::record(&x).unwrap();
         let grad = tensor(&[10.0, 20.0], (1, 1, 1, 2));
         let add = tensor(&[1.0; 15], (1, 1, 3, 5));
         let back = pool_backward(&grad, (1, 1, 3, 5), Routing::Max(&winners), Some(&add), &gate).unwrap();
@@ -237,21 +224,19 @@ mod tests {
     #[test]
     fn avg_pool_backward_spreads_a_quarter() {
         let x = tensor(&[1.0, -1.0, 2.0, 3.0, 4.0, 5.0], (1, 1, 3, 2));
-        let gate = ReluGate::record(&x, true).unwrap();
+        let gate = ReluGate::record(&x).unwrap();
         let back =
             pool_backward(&tensor(&[8.0], (1, 1, 1, 1)), (1, 1, 3, 2), Routing::Avg, None, &gate).unwrap();
         assert_eq!(values(&back), [2.0, 0.0, 2.0, 2.0, 0.0, 0.0]);
     }
 
     #[test]
-    fn relu_backward_matches_the_mask_of_the_output_with_either_record() {
+    fn relu_backward_matches_the_mask_of_the_output() {
         let out: Vec<f32> = (0..200).map(|i| if i % 3 == 0 { 0.0 } else { i as f32 }).collect();
         let out = tensor(&out, (1, 2, 10, 10));
         let grad = tensor(&(0..200).map(|i| i as f32 - 50.0).collect::<Vec<_>>(), (1, 2, 10, 10));
         let expected = values(&(&grad * out.gt(0f32).unwrap().to_dtype(DType::F32).unwrap()).unwrap());
-        for shared in [true, false] {
-            let gate = ReluGate::record(&out, shared).unwrap();
-            assert_eq!(values(&relu_backward(&grad, None, &gate).unwrap()), expected, "shared: {shared}");
-        }
+        let gate = ReluGate::record(&out).unwrap();
+        assert_eq!(values(&relu_backward(&grad, None, &gate).unwrap()), expected);
     }
 }
