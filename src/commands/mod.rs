@@ -155,7 +155,8 @@ pub fn prepare(job: &JobArgs, overlay: Table, registry: &Registry) -> Result<Pre
     let device = easel_engine::device(plan.model.device)?;
     let deepest = plan.losses.iter().flat_map(|l| l.loss.layers()).max().unwrap_or(LayerId::Pixels);
     let vgg = Vgg19::load(&weights, deepest, plan.model.pooling, plan.model.preprocess, &device)?
-        .with_winograd(plan.model.winograd);
+        .with_winograd(plan.model.winograd)
+        .with_kernel_cache((plan.model.kernel_cache_mb as usize) << 20);
     let run = StyleRun::new(plan, vgg, content, styles).context("preparing the run")?;
     Ok(PreparedJob { run, weights })
 }

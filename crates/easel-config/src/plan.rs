@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use easel_core::{Loss, Optimizer, OptionError, Options, Registry};
-use easel_vgg::{Pooling, Preprocess, Winograd};
+use easel_vgg::{Pooling, Preprocess, Winograd, DEFAULT_KERNEL_CACHE_BYTES};
 use toml::Table;
 
 /// How the optimised image starts.
@@ -66,6 +66,8 @@ pub struct ModelSettings {
     pub pooling: Pooling,
     pub preprocess: Preprocess,
     pub winograd: Winograd,
+    /// MiB of transformed Winograd kernels kept across iterations.
+    pub kernel_cache_mb: u32,
     pub device: DeviceChoice,
 }
 
@@ -208,6 +210,8 @@ fn model_settings(o: &mut Options<'_>) -> ModelSettings {
                 ("all", Winograd::All),
             ],
         ),
+        kernel_cache_mb: o.integer("kernel_cache_mb", (DEFAULT_KERNEL_CACHE_BYTES >> 20) as u64, 0, 1 << 20)
+            as u32,
         device: device(o),
     }
 }

@@ -36,6 +36,7 @@ fn defaults_are_the_papers_setup() {
     assert_eq!(plan.losses[0].loss.layers(), [easel_core::LayerId::Relu4_2]);
     assert_eq!(plan.losses[1].loss.layers().len(), 5);
     assert_eq!(plan.model.winograd, Winograd::Deep);
+    assert_eq!(plan.model.kernel_cache_mb as usize, easel_vgg::DEFAULT_KERNEL_CACHE_BYTES >> 20);
 }
 
 #[test]
@@ -82,6 +83,7 @@ iterations = 0
 
 [model]
 winograd = "sometimes"
+kernel_cache_mb = -1
 
 [optimizer]
 type = "lbfgs"
@@ -100,7 +102,7 @@ type = "sparkle"
 amount = 3
 "#,
     );
-    assert_eq!(errors.len(), 8, "{errors:#?}");
+    assert_eq!(errors.len(), 9, "{errors:#?}");
     assert!(
         errors
             .iter()
@@ -110,6 +112,7 @@ amount = 3
     assert!(errors.contains(&"run.size: expected an integer, got string \"big\"".to_string()), "{errors:#?}");
     assert!(errors.iter().any(|e| e.starts_with("run.sizee: unknown key; known keys:")));
     assert!(errors.contains(&"run.iterations: must be in [1, 1000000], got 0".to_string()));
+    assert!(errors.iter().any(|e| e.starts_with("model.kernel_cache_mb: must be in [0, ")), "{errors:#?}");
     assert!(errors.iter().any(|e| e.starts_with("optimizer.history:")), "{errors:#?}");
     assert!(errors.contains(&"loss[0].weight: must be > 0, got -3".to_string()));
     assert!(errors.iter().any(|e| e.starts_with("loss[1].layers[1]: unknown layer `relu6_1`")));

@@ -32,7 +32,9 @@ const ERROR: &str = ".error.txt";
 const RESULT: &str = ".result";
 const PROVENANCE: &str = ".result.json";
 
-type VggKey = (LayerId, Pooling, Preprocess, Winograd, DeviceChoice);
+/// What a loaded model depends on: deepest layer, pooling, pre-processing, Winograd mode, kernel
+/// cache MiB and device.
+type VggKey = (LayerId, Pooling, Preprocess, Winograd, u32, DeviceChoice);
 
 /// What every worker shares: the root, the plugins, the weights (mapped once), the current
 /// daemon config, the stop flag and the status board.
@@ -74,15 +76,16 @@ impl<'r> Shared<'r> {
 
     fn vgg_for(&self, plan: &Plan) -> Result<Vgg19, JobError> {
         let deepest = plan.losses.iter().flat_map(|l| l.loss.layers()).max().unwrap_or(LayerId::Pixels);
-        let key =
-            (deepest, plan.model.pooling, plan.model.preprocess, plan.model.winograd, plan.model.device);
+        let m = &plan.model;
+        let key = (deepest, m.pooling, m.preprocess, m.winograd, m.kernel_cache_mb, m.device);
         let mut cache = self.vggs.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, vgg)) = cache.iter().find(|(k, _)| *k == key) {
             return Ok(vgg.clone());
         }
         let device = easel_engine::device(plan.model.device)?;
         let vgg = Vgg19::load(&self.weights, deepest, plan.model.pooling, plan.model.preprocess, &device)?
-            .with_winograd(plan.model.winograd);
+            .with_winograd(plan.model.winograd)
+            .with_kernel_cache((plan.model.kernel_cache_mb as usize) << 20);
         cache.push((key, vgg.clone()));
         Ok(vgg)
     }

@@ -243,6 +243,11 @@ impl StyleRun {
         self.finished
     }
 
+    /// The feature stack the run optimises through.
+    pub fn vgg(&self) -> &Vgg19 {
+        &self.vgg
+    }
+
     /// An objective over the current scale's targets (for `easel eval`).
     pub fn objective(&self) -> StyleObjective<'_> {
         StyleObjective::new(&self.vgg, &self.plan.losses)

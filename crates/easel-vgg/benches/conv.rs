@@ -178,10 +178,10 @@ fn main() -> candle_core::Result<()> {
         let fd = time(reps, || drop(fwd.run(&x, Taps::Plain(&k), Epilogue::Bias(&b), false)));
         let gd = time(reps, || drop(grad.run(&g, Taps::FlippedOf(&k), Epilogue::None, false)));
         let fw = winograd::choose(&fwd).map(|t| {
-            time(reps, || drop(winograd::run(t, &fwd, &x, Taps::Plain(&k), Epilogue::Bias(&b), false)))
+            time(reps, || drop(winograd::run(t, &fwd, &x, Taps::Plain(&k), Epilogue::Bias(&b), false, None)))
         });
         let gw = winograd::choose(&grad).map(|t| {
-            time(reps, || drop(winograd::run(t, &grad, &g, Taps::FlippedOf(&k), Epilogue::None, false)))
+            time(reps, || drop(winograd::run(t, &grad, &g, Taps::FlippedOf(&k), Epilogue::None, false, None)))
         });
         if fw.is_none() {
             totals[0][1] += fd.0 * n;

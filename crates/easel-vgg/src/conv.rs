@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Result, Storage, Tensor};
 use crate::model::relu_pool::{self, ReluGate};
 pub(crate) use kernels::{positive_bits, Gate};
 use kernels::{Conv3x3, Epilogue, Taps};
+pub(crate) use winograd::KernelCache;
 
 /// Which convolutions run as Winograd F(4x4, 3x3) on the CPU (F(2x2, 3x3) on images with
 /// fewer than 64 of the larger tiles; direct where neither pays off, as for the 3 channels of
@@ -64,18 +65,28 @@ impl Winograd {
 /// conv3_1, the first convolution of block 3, in [`crate::CONVS`]'s order.
 const FIRST_DEEP_CONV: usize = 4;
 
-/// `conv3x3(x, w) + b` with padding 1, stride 1; `bias` is `[1, C_out, 1, 1]`.
-/// `winograd` lets the CPU path run it as Winograd where the shape suits (see [`Winograd`]).
-pub fn forward(x: &Tensor, weight: &Tensor, bias: &Tensor, winograd: bool) -> Result<Tensor> {
-    if let Some(y) = conv_cpu(x, weight, false, Post::Bias(bias), false, winograd)? {
+/// How one convolution runs on the CPU path.
+#[derive(Clone, Copy)]
+pub(crate) enum Algo<'a> {
+    /// Direct (im2col and `gemm`).
+    Direct,
+    /// Winograd where the shape suits it (else direct); the transformed kernel is kept in the
+    /// cache, if one is given, under the convolution's number in [`crate::CONVS`].
+    Winograd(Option<(&'a KernelCache, usize)>),
+}
+
+/// `conv3x3(x, w) + b` with padding 1, stride 1; `bias` is `[1, C_out, 1, 1]`, run on the CPU
+/// path as `algo` says.
+pub(crate) fn forward(x: &Tensor, weight: &Tensor, bias: &Tensor, algo: Algo<'_>) -> Result<Tensor> {
+    if let Some(y) = conv_cpu(x, weight, false, Post::Bias(bias), false, algo)? {
         return Ok(y);
     }
     forward_candle(x, weight, bias)
 }
 
 /// `relu(conv3x3(x, w) + b)`: [`forward`] and ReLU in one pass over the output on the CPU.
-pub fn forward_relu(x: &Tensor, weight: &Tensor, bias: &Tensor, winograd: bool) -> Result<Tensor> {
-    if let Some(y) = conv_cpu(x, weight, false, Post::Bias(bias), true, winograd)? {
+pub(crate) fn forward_relu(x: &Tensor, weight: &Tensor, bias: &Tensor, algo: Algo<'_>) -> Result<Tensor> {
+    if let Some(y) = conv_cpu(x, weight, false, Post::Bias(bias), true, algo)? {
         return Ok(y);
     }
     forward_candle(x, weight, bias)?.relu()
@@ -87,8 +98,8 @@ pub fn forward_relu(x: &Tensor, weight: &Tensor, bias: &Tensor, winograd: bool) 
 /// `weight` (`[C_out, C_in, 3, 3]`) flipped in both spatial axes and its channel axes
 /// swapped; the CPU path reads `weight` that way in place. No kernel gradient is computed:
 /// the weights are frozen.
-pub fn input_grad(grad_out: &Tensor, weight: &Tensor, winograd: bool) -> Result<Tensor> {
-    if let Some(g) = conv_cpu(grad_out, weight, true, Post::None, false, winograd)? {
+pub(crate) fn input_grad(grad_out: &Tensor, weight: &Tensor, algo: Algo<'_>) -> Result<Tensor> {
+    if let Some(g) = conv_cpu(grad_out, weight, true, Post::None, false, algo)? {
         return Ok(g);
     }
     input_grad_candle(grad_out, weight)
@@ -123,11 +134,11 @@ pub(crate) fn input_grad_gated(
     weight: &Tensor,
     add: Option<&Tensor>,
     gate: &ReluGate,
-    winograd: bool,
+    algo: Algo<'_>,
 ) -> Result<Tensor> {
     let add = add.map(relu_pool::contiguous_f32).transpose()?;
     let post = Post::Gate { add: add.as_ref(), gate };
-    if let Some(g) = conv_cpu(grad_out, weight, true, post, false, winograd)? {
+    if let Some(g) = conv_cpu(grad_out, weight, true, post, false, algo)? {
         return Ok(g);
     }
     relu_pool::relu_backward(&input_grad_candle(grad_out, weight)?, add.as_ref(), gate)
@@ -141,7 +152,7 @@ enum Post<'a> {
     Gate { add: Option<&'a Tensor>, gate: &'a ReluGate },
 }
 
-/// Runs the convolution on [`kernels`] (or [`winograd`] if `winograd` and the shape suits it)
+/// Runs the convolution on [`kernels`] (or [`winograd`] if `algo` says so and the shape suits it)
 /// when every operand is a contiguous f32 tensor in CPU memory with the expected shapes;
 /// `None` sends the caller to candle's path. With `flip`, `kernel` is the weight of the
 /// forward convolution whose input gradient this is (see [`input_grad`]).
@@ -151,7 +162,7 @@ fn conv_cpu(
     flip: bool,
     post: Post<'_>,
     relu: bool,
-    winograd: bool,
+    algo: Algo<'_>,
 ) -> Result<Option<Tensor>> {
     let on_cpu = |t: &Tensor| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32;
     let (batch, c_in, height, width) = x.dims4()?;
@@ -178,12 +189,9 @@ fn conv_cpu(
         return Ok(None);
     };
     let k = if flip { Taps::FlippedOf(k) } else { Taps::Plain(k) };
-    let one = |image: &[f32], epilogue: Epilogue<'_>| {
-        if let Some(tile) = winograd.then(|| winograd::choose(&shape)).flatten() {
-            winograd::run(tile, &shape, image, k, epilogue, relu)
-        } else {
-            shape.run(image, k, epilogue, relu)
-        }
+    let one = |image: &[f32], epilogue: Epilogue<'_>| match (algo, winograd::choose(&shape)) {
+        (Algo::Winograd(cache), Some(tile)) => winograd::run(tile, &shape, image, k, epilogue, relu, cache),
+        _ => shape.run(image, k, epilogue, relu),
     };
     let run = |epilogue: Epilogue<'_>| -> Vec<f32> {
         if batch == 1 {
@@ -237,6 +245,14 @@ fn cpu_slice<'a>(storage: &'a Storage, layout: &candle_core::Layout) -> Option<&
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn algo(winograd: bool) -> Algo<'static> {
+        if winograd {
+            Algo::Winograd(None)
+        } else {
+            Algo::Direct
+        }
+    }
 
     fn random(shape: (usize, usize, usize, usize), seed: u64) -> Tensor {
         let n = shape.0 * shape.1 * shape.2 * shape.3;
@@ -309,12 +325,12 @@ mod tests {
             let k =
                 (random((c_out, c_in, 3, 3), 100 + i as u64) * (1.0 / (9.0 * c_in as f64).sqrt())).unwrap();
             let b = random((1, c_out, 1, 1), 200 + i as u64);
-            let fast = forward(&x, &k, &b, winograd).unwrap();
+            let fast = forward(&x, &k, &b, algo(winograd)).unwrap();
             let slow = forward_candle(&x, &k, &b).unwrap();
             assert_eq!(fast.dims(), slow.dims());
             let err = rel_err(&fast, &slow);
             assert!(err < tol, "winograd {winograd} {c_in}->{c_out} at {h}x{w}: relative error {err}");
-            let fused = forward_relu(&x, &k, &b, winograd).unwrap();
+            let fused = forward_relu(&x, &k, &b, algo(winograd)).unwrap();
             let err = rel_err(&fused, &slow.relu().unwrap());
             assert!(
                 err < tol,
@@ -348,7 +364,7 @@ mod tests {
             }
             let by_hand = Tensor::from_vec(by_hand, (c_in, c_out, 3, 3), &Device::Cpu).unwrap();
             let slow = g.conv2d(&by_hand, 1, 1, 1, 1).unwrap();
-            let fast = input_grad(&g, &weight, winograd).unwrap();
+            let fast = input_grad(&g, &weight, algo(winograd)).unwrap();
             assert_eq!(fast.dims(), slow.dims());
             let err = rel_err(&fast, &slow);
             assert!(err < tol, "winograd {winograd} grad {c_out}->{c_in} at {h}x{w}: relative error {err}");
@@ -363,11 +379,12 @@ mod tests {
         let x = random((2, 8, 6, 5), 7);
         let k = random((4, 8, 3, 3), 8);
         let b = random((1, 4, 1, 1), 9);
-        let err = rel_err(&forward(&x, &k, &b, false).unwrap(), &forward_candle(&x, &k, &b).unwrap());
+        let err = rel_err(&forward(&x, &k, &b, Algo::Direct).unwrap(), &forward_candle(&x, &k, &b).unwrap());
         assert!(err < 1e-5, "batch of 2: {err}");
         // A transposed (non-contiguous) input goes through candle's path and still agrees.
         let xt = random((1, 8, 5, 6), 10).transpose(2, 3).unwrap();
-        let err = rel_err(&forward(&xt, &k, &b, false).unwrap(), &forward_candle(&xt, &k, &b).unwrap());
+        let err =
+            rel_err(&forward(&xt, &k, &b, Algo::Direct).unwrap(), &forward_candle(&xt, &k, &b).unwrap());
         assert!(err < 1e-5, "transposed input: {err}");
     }
 }
@@ -398,7 +415,7 @@ mod accuracy {
             let b = Tensor::zeros((1, c_out, 1, 1), DType::F32, &Device::Cpu).unwrap();
             let exact =
                 x.to_dtype(DType::F64).unwrap().conv2d(&k.to_dtype(DType::F64).unwrap(), 1, 1, 1, 1).unwrap();
-            let ours = distance(&forward(&x, &k, &b, false).unwrap(), &exact);
+            let ours = distance(&forward(&x, &k, &b, Algo::Direct).unwrap(), &exact);
             let candle = distance(&forward_candle(&x, &k, &b).unwrap(), &exact);
             assert!(ours <= candle * 1.05, "{c_in}->{c_out}: fast {ours:.3e} vs candle {candle:.3e}");
         }

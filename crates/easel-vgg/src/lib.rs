@@ -13,7 +13,7 @@ pub mod weights;
 
 pub use conv::Winograd;
 pub use error::VggError;
-pub use model::{Pooling, Preprocess, Trace, Vgg19};
+pub use model::{Pooling, Preprocess, Trace, Vgg19, DEFAULT_KERNEL_CACHE_BYTES};
 pub use weights::{Inspection, TensorSummary, WeightsFile};
 
 /// The 16 convolutions of VGG-19 as `(features index, in channels, out channels)`.

@@ -11,11 +11,13 @@
 pub(crate) mod relu_pool;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use easel_core::{FeatureMaps, LayerId};
 
-use crate::{conv, VggError, WeightsFile, Winograd, CONVS};
+use crate::conv::{self, Algo, KernelCache};
+use crate::{VggError, WeightsFile, Winograd, CONVS};
 use relu_pool::{ReluGate, Routing};
 
 /// How the stack pools between blocks (2x2, stride 2).
@@ -33,6 +35,11 @@ pub enum Preprocess {
     /// BGR, `255 p - mean` (weights converted from Caffe).
     Caffe,
 }
+
+/// What [`Vgg19::load`] keeps of transformed Winograd kernels: 96 MiB, which at 256 px holds
+/// those of every Winograd forward pass and of the gradients of blocks 1-2 (at 512 px, a
+/// quarter of the 351 MiB all of them take), and keeps peak memory at 512 px under 600 MB.
+pub const DEFAULT_KERNEL_CACHE_BYTES: usize = 96 << 20;
 
 const TORCHVISION_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 const TORCHVISION_STD: [f32; 3] = [0.229, 0.224, 0.225];
@@ -70,6 +77,8 @@ pub struct Vgg19 {
     pooling: Pooling,
     preprocess: Preprocess,
     winograd: Winograd,
+    /// Transformed Winograd kernels kept across passes, shared by the model's clones.
+    kernels: Arc<KernelCache>,
     mean: Tensor,
     scale: Tensor,
     device: Device,
@@ -126,6 +135,7 @@ impl Vgg19 {
             pooling,
             preprocess,
             winograd: Winograd::default(),
+            kernels: Arc::new(KernelCache::new(DEFAULT_KERNEL_CACHE_BYTES)),
             mean: Tensor::from_slice(&mean, (1, 3, 1, 1), device)?,
             scale: Tensor::from_slice(&scale, (1, 3, 1, 1), device)?,
             device: device.clone(),
@@ -136,6 +146,37 @@ impl Vgg19 {
     pub fn with_winograd(mut self, mode: Winograd) -> Self {
         self.winograd = mode;
         self
+    }
+
+    /// The same model keeping at most `bytes` of transformed Winograd kernels across passes
+    /// (default [`DEFAULT_KERNEL_CACHE_BYTES`]; 0 transforms them on every pass), in a cache
+    /// of its own (shared by its clones).
+    pub fn with_kernel_cache(mut self, bytes: usize) -> Self {
+        self.kernels = Arc::new(KernelCache::new(bytes));
+        self
+    }
+
+    /// Bytes of transformed kernels kept now.
+    pub fn kernel_cache_used(&self) -> usize {
+        self.kernels.used()
+    }
+
+    /// How the forward pass of convolution `k` runs on the CPU.
+    fn forward_algo(&self, k: usize) -> Algo<'_> {
+        if self.winograd.forward_of(k) {
+            Algo::Winograd(Some((&self.kernels, k)))
+        } else {
+            Algo::Direct
+        }
+    }
+
+    /// How the input gradient of convolution `k` runs on the CPU.
+    fn gradient_algo(&self, k: usize) -> Algo<'_> {
+        if self.winograd.gradients() {
+            Algo::Winograd(Some((&self.kernels, k)))
+        } else {
+            Algo::Direct
+        }
     }
 
     /// The device the weights live on.
@@ -215,9 +256,9 @@ impl Vgg19 {
                     let ConvWeights { weight, bias, .. } = &self.convs[k];
                     rectified = Some(index + 1) <= last && op(index + 1) == Op::Relu && tap(index).is_none();
                     if rectified {
-                        conv::forward_relu(&x, weight, bias, self.winograd.forward_of(k))?
+                        conv::forward_relu(&x, weight, bias, self.forward_algo(k))?
                     } else {
-                        conv::forward(&x, weight, bias, self.winograd.forward_of(k))?
+                        conv::forward(&x, weight, bias, self.forward_algo(k))?
                     }
                 }
                 Op::Relu if fused => x,
@@ -274,7 +315,7 @@ impl Vgg19 {
             }
             let Some(g) = grad.take() else { continue };
             grad = Some(match op(index) {
-                Op::Conv(k) => conv::input_grad(&g, &self.convs[k].weight, self.winograd.gradients())?,
+                Op::Conv(k) => conv::input_grad(&g, &self.convs[k].weight, self.gradient_algo(k))?,
                 Op::Relu => {
                     let out = &trace.relu_outputs[&index];
                     (g * out.gt(0f32)?.to_dtype(DType::F32)?)?
@@ -340,10 +381,10 @@ impl Vgg19 {
                         &self.convs[k].weight,
                         add.as_ref(),
                         gate(index - 1)?,
-                        self.winograd.gradients(),
+                        self.gradient_algo(k),
                     )?
                 }
-                Op::Conv(k) => conv::input_grad(&g, &self.convs[k].weight, self.winograd.gradients())?,
+                Op::Conv(k) => conv::input_grad(&g, &self.convs[k].weight, self.gradient_algo(k))?,
                 Op::Relu => relu_pool::relu_backward(&g, None, gate(index)?)?,
                 Op::Pool => {
                     // Every pool of VGG-19 follows a ReLU.

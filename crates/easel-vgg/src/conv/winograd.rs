@@ -19,6 +19,7 @@
 
 use std::cell::RefCell;
 use std::ops::Range;
+use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
 
@@ -156,8 +157,75 @@ pub fn choose(s: &Conv3x3) -> Option<Tile> {
     [Tile::F4, Tile::F2].into_iter().find(|&t| suits(t, s))
 }
 
+/// Transformed kernels kept from one call to the next (the weights are frozen, and at 256 px
+/// transforming them took ~10% of an evaluation), at most `budget` bytes of them: the first
+/// that fit are kept, the others are transformed on every call as without a cache.
+pub struct KernelCache {
+    budget: usize,
+    kept: Mutex<Vec<(Key, Arc<[f32]>)>>,
+}
+
+/// What a transformed kernel is of: a convolution (numbered by the caller), which way it is
+/// applied ([`Taps`]' variant) and the tile size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Key {
+    conv: usize,
+    flipped: bool,
+    tile: Tile,
+}
+
+impl KernelCache {
+    /// An empty cache that keeps at most `budget` bytes.
+    pub fn new(budget: usize) -> Self {
+        Self { budget, kept: Mutex::new(Vec::new()) }
+    }
+
+    /// Bytes kept now.
+    pub fn used(&self) -> usize {
+        used(&self.lock())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Key, Arc<[f32]>)>> {
+        // The list is valid whatever a panicking holder did: it only ever gains whole entries.
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The transformed kernel under `key`, transformed now if it is not kept yet and fits;
+    /// `None` if it does not fit.
+    fn get(&self, key: Key, s: &Conv3x3, kernel: Taps<'_>) -> Option<Arc<[f32]>> {
+        let bytes = s.c_out * key.tile.n() * key.tile.n() * s.c_in * std::mem::size_of::<f32>();
+        {
+            let kept = self.lock();
+            if let Some((_, u)) = kept.iter().find(|(k, _)| *k == key) {
+                return Some(Arc::clone(u));
+            }
+            if used(&kept) + bytes > self.budget {
+                return None;
+            }
+        }
+        // Not under the lock: the transform runs on the rayon pool, where this thread may pick
+        // up another job's convolution that asks this cache too.
+        let mut u = Vec::new();
+        transform_kernel(key.tile, s, kernel, &mut u);
+        let u: Arc<[f32]> = u.into();
+        let mut kept = self.lock();
+        if let Some((_, first)) = kept.iter().find(|(k, _)| *k == key) {
+            return Some(Arc::clone(first));
+        }
+        if used(&kept) + bytes <= self.budget {
+            kept.push((key, Arc::clone(&u)));
+        }
+        Some(u)
+    }
+}
+
+fn used(kept: &[(Key, Arc<[f32]>)]) -> usize {
+    kept.iter().map(|(_, u)| std::mem::size_of_val(&**u)).sum()
+}
+
 /// `conv3x3(input, kernel)` with padding 1, then `epilogue`, then ReLU if `relu`; the same
-/// contract as [`Conv3x3::run`].
+/// contract as [`Conv3x3::run`]. With `cache`, the transformed kernel is kept there (if it
+/// fits) under the given number of the convolution, and taken from there on later calls.
 pub fn run(
     tile: Tile,
     s: &Conv3x3,
@@ -165,11 +233,17 @@ pub fn run(
     kernel: Taps<'_>,
     epilogue: Epilogue<'_>,
     relu: bool,
+    cache: Option<(&KernelCache, usize)>,
 ) -> Vec<f32> {
     s.check(input, kernel, epilogue);
     let plane = s.height * s.width;
     let mut out = vec![0f32; s.c_out * plane];
     if plane == 0 || s.c_out == 0 {
+        return out;
+    }
+    let flipped = matches!(kernel, Taps::FlippedOf(_));
+    if let Some(u) = cache.and_then(|(cache, conv)| cache.get(Key { conv, flipped, tile }, s, kernel)) {
+        run_blocks(tile, s, input, &u, epilogue, relu, &mut out);
         return out;
     }
     TRANSFORMED.with(|cell| {
@@ -628,7 +702,7 @@ mod tests {
             }
             (d / n).sqrt()
         };
-        let ours = run(tile, s, &input, Taps::Plain(&kernel), Epilogue::Bias(&bias), false);
+        let ours = run(tile, s, &input, Taps::Plain(&kernel), Epilogue::Bias(&bias), false, None);
         let direct = s.run(&input, Taps::Plain(&kernel), Epilogue::Bias(&bias), false);
         for (i, (&g, &e)) in ours.iter().zip(&want).enumerate() {
             assert!((f64::from(g) - e).abs() <= 1e-4 * (1.0 + e.abs()), "{s:?} at {i}: {g} vs {e}");
@@ -692,7 +766,7 @@ mod tests {
                 (Epilogue::Gate { add: Some(&add), gate }, false),
                 (Epilogue::Gate { add: None, gate }, false),
             ] {
-                let ours = run(tile, &s, &input, Taps::Plain(&kernel), epilogue, relu);
+                let ours = run(tile, &s, &input, Taps::Plain(&kernel), epilogue, relu, None);
                 let direct = s.run(&input, Taps::Plain(&kernel), epilogue, relu);
                 for (i, (a, b)) in ours.iter().zip(&direct).enumerate() {
                     let ok = (a - b).abs() <= 1e-4 * (1.0 + b.abs());
@@ -715,13 +789,43 @@ mod tests {
                 .into_iter()
                 .map(|level| {
                     simd::cap(level);
-                    let out = run(tile, &s, &input, Taps::Plain(&kernel), Epilogue::Bias(&bias), true);
+                    let out = run(tile, &s, &input, Taps::Plain(&kernel), Epilogue::Bias(&bias), true, None);
                     out.iter().map(|v| v.to_bits()).collect()
                 })
                 .collect();
             simd::cap(simd::Level::Avx512);
             assert!(runs.windows(2).all(|p| p[0] == p[1]), "{tile:?}: the variants differ");
         }
+    }
+
+    /// A kept kernel gives the same bits as one transformed per call, is transformed once
+    /// per (convolution, direction, tile), and nothing is kept past the budget.
+    #[test]
+    fn kernel_cache_keeps_what_fits_and_changes_no_bits() {
+        let s = Conv3x3 { c_in: 24, c_out: 20, height: 13, width: 40 };
+        let input = noise(s.c_in * s.height * s.width, 6);
+        let kernel = noise(s.c_out * s.c_in * 9, 7);
+        let bytes = |tile: Tile| s.c_out * tile.n() * tile.n() * s.c_in * 4;
+        let cache = KernelCache::new(bytes(Tile::F4) + bytes(Tile::F2));
+        let run_with = |tile, taps, cache| run(tile, &s, &input, taps, Epilogue::None, false, cache);
+        for tile in [Tile::F4, Tile::F2] {
+            for taps in [Taps::Plain(&kernel), Taps::FlippedOf(&kernel)] {
+                let plain = run_with(tile, taps, None);
+                let first = run_with(tile, taps, Some((&cache, 3)));
+                let again = run_with(tile, taps, Some((&cache, 3)));
+                assert!(plain == first && first == again, "{tile:?} {taps:?}");
+            }
+        }
+        // F(4x4) and F(2x2) of the plain kernel were kept; both flipped ones found it full.
+        assert_eq!(cache.used(), bytes(Tile::F4) + bytes(Tile::F2));
+        let key = Key { conv: 3, flipped: false, tile: Tile::F4 };
+        let kept = cache.get(key, &s, Taps::Plain(&kernel)).expect("kept");
+        assert!(Arc::ptr_eq(&kept, &cache.get(key, &s, Taps::Plain(&kernel)).expect("kept")));
+        let flipped = Key { flipped: true, ..key };
+        assert!(cache.get(flipped, &s, Taps::FlippedOf(&kernel)).is_none(), "over the budget");
+        // Another convolution number is another kernel.
+        assert!(cache.get(Key { conv: 4, ..key }, &s, Taps::Plain(&kernel)).is_none());
+        assert_eq!(KernelCache::new(0).get(key, &s, Taps::Plain(&kernel)), None);
     }
 
     #[test]
