@@ -11,6 +11,8 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use super::simd;
+
 /// Geometry of one 3x3, stride-1, pad-1 convolution of a single image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Conv3x3 {
@@ -49,12 +51,39 @@ impl Gate<'_> {
     }
 }
 
-/// Packs `values > 0` (NaN is not) into the bits of a [`Gate`].
+/// Packs `values > 0` (NaN is not) into the bits of a [`Gate`], on the rayon pool.
 pub fn positive_bits(values: &[f32]) -> Vec<u64> {
-    values
-        .chunks(64)
-        .map(|chunk| chunk.iter().enumerate().fold(0u64, |bits, (i, &v)| bits | (u64::from(v > 0.0) << i)))
-        .collect()
+    /// Words per task: 64 Ki values.
+    const WORDS: usize = 1024;
+    let mut bits = vec![0u64; values.len().div_ceil(64)];
+    bits.par_chunks_mut(WORDS)
+        .zip(values.par_chunks(WORDS * 64))
+        .for_each(|(words, values)| simd::widest(PackBits { words, values }));
+    bits
+}
+
+/// `words[j]` gets bit `i` set where `values[64 j + i] > 0`; compiled for the CPU's vector
+/// unit, where the compares of a whole word become one mask.
+struct PackBits<'a> {
+    words: &'a mut [u64],
+    values: &'a [f32],
+}
+
+impl simd::Kernel for PackBits<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        let pack =
+            |values: &[f32]| values.iter().enumerate().fold(0, |w, (i, &v)| w | (u64::from(v > 0.0) << i));
+        let mut chunks = self.values.chunks_exact(64);
+        for (word, chunk) in self.words.iter_mut().zip(chunks.by_ref()) {
+            let chunk: &[f32; 64] = chunk.try_into().expect("64 values");
+            *word = pack(chunk);
+        }
+        if let Some(word) = self.words.get_mut(self.values.len() / 64) {
+            *word = pack(chunks.remainder());
+        }
+    }
 }
 
 /// What happens to `kernel * input` before it is stored.
@@ -482,6 +511,31 @@ pub(super) fn matmul<T: Element>(
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+
+    #[test]
+    fn positive_bits_mark_the_values_above_zero() {
+        // Several tasks, and lengths that end mid-word.
+        for n in [0, 1, 63, 64, 65, 64 * 1024 * 2 + 5] {
+            let values: Vec<f32> = noise(n, n as u64)
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| match i % 7 {
+                    0 => f32::NAN,
+                    1 => -0.0,
+                    2 => 0.0,
+                    _ => v,
+                })
+                .collect();
+            let bits = positive_bits(&values);
+            assert_eq!(bits.len(), n.div_ceil(64));
+            for (i, &v) in values.iter().enumerate() {
+                assert_eq!((bits[i / 64] >> (i % 64)) & 1 == 1, v > 0.0, "n {n} at {i}: {v}");
+            }
+            if n % 64 != 0 {
+                assert_eq!(bits[n / 64] >> (n % 64), 0, "n {n}: bits past the end");
+            }
+        }
+    }
 
     /// Straightforward direct convolution plus bias in f64: the reference of the kernels'
     /// tests (`kernel` is `[c_out, c_in, 3, 3]`).
