@@ -170,11 +170,12 @@ pub struct KernelCache {
     kept: Mutex<Vec<(Key, Arc<[f32]>)>>,
 }
 
-/// What a transformed kernel is of: a convolution (numbered by the caller), which way it is
-/// applied ([`Taps`]' variant) and the tile size.
+/// What a transformed kernel is of: a convolution (numbered by the caller, with its forward
+/// `(c_in, c_out)`), which way it is applied ([`Taps`]' variant) and the tile size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Key {
     conv: usize,
+    forward_dims: (usize, usize),
     flipped: bool,
     tile: Tile,
 }
@@ -195,18 +196,20 @@ impl KernelCache {
         self.kept.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The transformed kernel under `key`, if it is kept.
+    fn kept(&self, key: Key) -> Option<Arc<[f32]>> {
+        self.lock().iter().find(|(k, _)| *k == key).map(|(_, u)| Arc::clone(u))
+    }
+
     /// The transformed kernel under `key`, transformed now if it is not kept yet and fits;
     /// `None` if it does not fit.
     fn get(&self, key: Key, s: &Conv3x3, kernel: Taps<'_>) -> Option<Arc<[f32]>> {
         let bytes = s.c_out * key.tile.n() * key.tile.n() * s.c_in * std::mem::size_of::<f32>();
-        {
-            let kept = self.lock();
-            if let Some((_, u)) = kept.iter().find(|(k, _)| *k == key) {
-                return Some(Arc::clone(u));
-            }
-            if used(&kept) + bytes > self.budget {
-                return None;
-            }
+        if let Some(u) = self.kept(key) {
+            return Some(u);
+        }
+        if self.used() + bytes > self.budget {
+            return None;
         }
         // Not under the lock: the transform runs on the rayon pool, where this thread may pick
         // up another job's convolution that asks this cache too.
@@ -246,10 +249,20 @@ pub fn run(
     if plane == 0 || s.c_out == 0 {
         return out;
     }
-    let flipped = matches!(kernel, Taps::FlippedOf(_));
-    if let Some(u) = cache.and_then(|(cache, conv)| cache.get(Key { conv, flipped, tile }, s, kernel)) {
-        run_blocks(tile, s, input, &u, epilogue, relu, &mut out);
-        return out;
+    if let Some((cache, conv)) = cache {
+        let flipped = matches!(kernel, Taps::FlippedOf(_));
+        let forward_dims = if flipped { (s.c_out, s.c_in) } else { (s.c_in, s.c_out) };
+        let forward = Key { conv, forward_dims, flipped: false, tile };
+        // An F(2x2) input gradient reads its forward pass's kernel if that is kept.
+        let kept = match (flipped && tile == Tile::F2).then(|| cache.kept(forward)).flatten() {
+            Some(u) => Some((u, true)),
+            None => cache.get(Key { flipped, ..forward }, s, kernel).map(|u| (u, false)),
+        };
+        if let Some((u, transposed)) = kept {
+            let u = if transposed { Transformed::ForwardF2(&u) } else { Transformed::Own(&u) };
+            run_blocks(tile, s, input, u, epilogue, relu, &mut out);
+            return out;
+        }
     }
     TRANSFORMED.with(|cell| {
         // If this thread is already inside `run` (rayon gave it another convolution while it
@@ -261,7 +274,7 @@ pub fn run(
             Err(_) => &mut own,
         };
         transform_kernel(tile, s, kernel, u);
-        run_blocks(tile, s, input, u, epilogue, relu, &mut out);
+        run_blocks(tile, s, input, Transformed::Own(u), epilogue, relu, &mut out);
     });
     out
 }
@@ -272,7 +285,7 @@ fn run_blocks(
     tile: Tile,
     s: &Conv3x3,
     input: &[f32],
-    u: &[f32],
+    u: Transformed<'_>,
     epilogue: Epilogue<'_>,
     relu: bool,
     out: &mut [f32],
@@ -294,9 +307,7 @@ fn run_blocks(
             for xi in 0..nn {
                 for first in (0..s.c_in).step_by(CHANNEL_BLOCK) {
                     let k = CHANNEL_BLOCK.min(s.c_in - first);
-                    // u[co, xi, ci] is at (co * nn + xi) * c_in + ci.
-                    let lhs =
-                        Strided { data: &u[xi * s.c_in + first..], row_stride: nn * s.c_in, col_stride: 1 };
+                    let lhs = u.taps(s, nn, xi, first);
                     let rhs = &v[xi * v_plane + first * tiles..];
                     let dst = &mut prod[xi * p_plane..][..s.c_out * tiles];
                     matmul(s.c_out, tiles, k, lhs, rhs, dst, first > 0);
@@ -306,6 +317,49 @@ fn run_blocks(
             finish(&mut rows, epilogue, relu, pixels.start, plane);
         })
     });
+}
+
+/// A transformed kernel as [`run_blocks`] reads it.
+#[derive(Clone, Copy)]
+enum Transformed<'a> {
+    /// `u[co, xi, ci]`, as [`transform_kernel`] lays it out.
+    Own(&'a [f32]),
+    /// The F(2x2) kernel of the forward convolution whose input gradient this is: its
+    /// `u[ci, xi', co]` (`[c_out, xi, c_in]` in its own terms), read transposed and with the
+    /// taps permuted by [`FLIP_F2`].
+    ForwardF2(&'a [f32]),
+}
+
+/// Which tap of F(2x2)'s transformed kernel each tap of the transformed flipped kernel is:
+/// flipping `g` swaps the points 0 and infinity of `G g G^T` and keeps 1 and -1, exactly (the
+/// f64 sums are the same, `x0 + x2 = x2 + x0`), so `U_flipped[r][c] = U[p(r)][p(c)]`.
+const FLIP_F2: [usize; 16] = {
+    let p = [3, 1, 2, 0];
+    let mut map = [0; 16];
+    let mut xi = 0;
+    while xi < 16 {
+        map[xi] = p[xi / 4] * 4 + p[xi % 4];
+        xi += 1;
+    }
+    map
+};
+
+impl<'a> Transformed<'a> {
+    /// Tap `xi` of the kernel as `[c_out, c_in]`, from input channel `first` on.
+    fn taps(self, s: &Conv3x3, nn: usize, xi: usize, first: usize) -> Strided<'a, f32> {
+        match self {
+            // u[co, xi, ci] is at (co * nn + xi) * c_in + ci.
+            Transformed::Own(u) => {
+                Strided { data: &u[xi * s.c_in + first..], row_stride: nn * s.c_in, col_stride: 1 }
+            }
+            // u[ci, xi', co] is at (ci * nn + xi') * c_out + co.
+            Transformed::ForwardF2(u) => Strided {
+                data: &u[(first * nn + FLIP_F2[xi]) * s.c_out..],
+                row_stride: 1,
+                col_stride: nn * s.c_out,
+            },
+        }
+    }
 }
 
 /// Length of one of the n x n planes `[channels, tiles]` of the transformed input or the
@@ -832,7 +886,7 @@ mod tests {
         }
         // F(4x4) and F(2x2) of the plain kernel were kept; both flipped ones found it full.
         assert_eq!(cache.used(), bytes(Tile::F4) + bytes(Tile::F2));
-        let key = Key { conv: 3, flipped: false, tile: Tile::F4 };
+        let key = Key { conv: 3, forward_dims: (24, 20), flipped: false, tile: Tile::F4 };
         let kept = cache.get(key, &s, Taps::Plain(&kernel)).expect("kept");
         assert!(Arc::ptr_eq(&kept, &cache.get(key, &s, Taps::Plain(&kernel)).expect("kept")));
         let flipped = Key { flipped: true, ..key };
@@ -840,6 +894,29 @@ mod tests {
         // Another convolution number is another kernel.
         assert!(cache.get(Key { conv: 4, ..key }, &s, Taps::Plain(&kernel)).is_none());
         assert_eq!(KernelCache::new(0).get(key, &s, Taps::Plain(&kernel)), None);
+    }
+
+    /// An F(2x2) input gradient reads its forward pass's kept kernel, transposed and permuted,
+    /// for the same bits as its own.
+    #[test]
+    fn f2_gradient_reads_the_forward_kernel() {
+        let forward = Conv3x3 { c_in: 20, c_out: 24, height: 13, width: 40 };
+        let gradient = Conv3x3 { c_in: 24, c_out: 20, ..forward };
+        let x = noise(forward.c_in * forward.height * forward.width, 8);
+        let g = noise(gradient.c_in * gradient.height * gradient.width, 9);
+        let weight = noise(forward.c_out * forward.c_in * 9, 10);
+        let cache = KernelCache::new(1 << 20);
+        let grad =
+            |cache| run(Tile::F2, &gradient, &g, Taps::FlippedOf(&weight), Epilogue::None, false, cache);
+        let own = grad(None);
+        run(Tile::F2, &forward, &x, Taps::Plain(&weight), Epilogue::None, false, Some((&cache, 7)));
+        let kept = cache.used();
+        assert!(kept > 0);
+        assert!(own == grad(Some((&cache, 7))), "the bits differ");
+        assert_eq!(cache.used(), kept, "no kernel of its own kept");
+        // Another convolution's kernel is not taken.
+        assert!(own == grad(Some((&cache, 8))));
+        assert!(cache.used() > kept);
     }
 
     #[test]
