@@ -142,10 +142,6 @@ fn output_1d(tile: Tile, v: &Six) -> [[f32; LANES]; 4] {
 thread_local! {
     /// Per-thread scratch reused across calls: the transformed input, then the products.
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
-
-    /// The calling thread's transformed kernel, reused across calls: a fresh buffer each time
-    /// (38 MB for a 512 x 512 layer) cost more in page faults than the transform itself.
-    static TRANSFORMED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Whether Winograd pays off for this shape: with few channels the transforms cost more
@@ -264,18 +260,12 @@ pub fn run(
             return out;
         }
     }
-    TRANSFORMED.with(|cell| {
-        // If this thread is already inside `run` (rayon gave it another convolution while it
-        // waited), the buffer is taken: this call uses one of its own.
-        let mut own = Vec::new();
-        let mut shared = cell.try_borrow_mut();
-        let u = match &mut shared {
-            Ok(u) => &mut **u,
-            Err(_) => &mut own,
-        };
-        transform_kernel(tile, s, kernel, u);
-        run_blocks(tile, s, input, Transformed::Own(u), epilogue, relu, &mut out);
-    });
+    // A kernel that is not kept is transformed into a buffer freed right after: kept for
+    // the next call instead, it held its 38 MB (a 512 x 512 layer) through the backward
+    // pass's peak. (The binary's allocator settings reuse the freed pages.)
+    let mut u = Vec::new();
+    transform_kernel(tile, s, kernel, &mut u);
+    run_blocks(tile, s, input, Transformed::Own(&u), epilogue, relu, &mut out);
     out
 }
 
