@@ -374,6 +374,7 @@ fn row_blocks(tile: Tile, s: &Conv3x3, threads: usize) -> Vec<Range<usize>> {
     let kernel_tiles = s.c_in * s.c_out / (s.c_in + s.c_out).max(1);
     let tiles = (BLOCK_CACHE_BYTES / tile_bytes).max(kernel_tiles);
     let rows = tiles.div_ceil(tiles_x).min(BLOCK_BUDGET_BYTES / (tile_bytes * tiles_x)).max(1);
+    // split_work's sizes counted in tile rows: at most `rows` per block.
     split_work(tiles_y, tiles_y, rows, threads, tiles_y)
 }
 
