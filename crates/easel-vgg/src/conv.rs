@@ -220,12 +220,7 @@ fn conv_cpu(
                 },
                 None => None,
             };
-            gate.with(|gate| {
-                if gate.len() < out_len {
-                    return Err(candle_core::Error::Msg("ReLU gate smaller than the input gradient".into()));
-                }
-                Ok(run(Epilogue::Gate { add, gate }))
-            })?
+            run(Epilogue::Gate { add, gate: gate.covering(out_len, "the input gradient")? })
         }
     };
     Ok(Some(Tensor::from_vec(out, (batch, c_out, height, width), &Device::Cpu)?))

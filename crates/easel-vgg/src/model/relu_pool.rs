@@ -23,9 +23,13 @@ impl ReluGate {
         Ok(Self(crate::conv::positive_bits(slice(&storage, layout)?)))
     }
 
-    /// Runs `f` with the gate's data.
-    pub(crate) fn with<R>(&self, f: impl FnOnce(Gate<'_>) -> Result<R>) -> Result<R> {
-        f(Gate(&self.0))
+    /// The mask, checked to cover the `n` elements of `what` it is to gate.
+    pub(crate) fn covering(&self, n: usize, what: &str) -> Result<Gate<'_>> {
+        let gate = Gate(&self.0);
+        if gate.len() < n {
+            return Err(candle_core::Error::Msg(format!("ReLU gate smaller than {what}")));
+        }
+        Ok(gate)
     }
 }
 
@@ -59,17 +63,12 @@ pub(crate) fn relu_backward(grad: &Tensor, add: Option<&Tensor>, gate: &ReluGate
     if add.is_some_and(|a| a.len() != g.len()) {
         return Err(candle_core::Error::Msg("tap gradient and ReLU gradient differ in size".into()));
     }
+    let gate = gate.covering(g.len(), "its gradient")?;
     let mut out = g.to_vec();
-    gate.with(|gate| {
-        if gate.len() < g.len() {
-            return Err(candle_core::Error::Msg("ReLU gate smaller than its gradient".into()));
-        }
-        const BLOCK: usize = 1 << 14;
-        out.par_chunks_mut(BLOCK).enumerate().for_each(|(b, dst)| {
-            gate.pass(dst, add, b * BLOCK);
-        });
-        Ok(())
-    })?;
+    const BLOCK: usize = 1 << 14;
+    out.par_chunks_mut(BLOCK).enumerate().for_each(|(b, dst)| {
+        gate.pass(dst, add, b * BLOCK);
+    });
     Tensor::from_vec(out, grad.shape(), &Device::Cpu)
 }
 
@@ -145,39 +144,34 @@ pub(crate) fn pool_backward(
     if n == 0 {
         return Tensor::from_vec(out, input_dims, &Device::Cpu);
     }
-    gate.with(|gate| {
-        if gate.len() < n {
-            return Err(candle_core::Error::Msg("ReLU gate smaller than the pooling input".into()));
-        }
-        out.par_chunks_mut(h * w).enumerate().for_each(|(plane, dst)| {
-            let g = &g[plane * h2 * w2..][..h2 * w2];
-            for (y, row) in dst.chunks_exact_mut(w).enumerate() {
-                // Row by row, each window's gradient written to its two inputs in this row:
-                // no division or routing test per element.
-                if y / 2 < h2 {
-                    let grads = &g[(y / 2) * w2..][..w2];
-                    let pairs = row.chunks_exact_mut(2).zip(grads);
-                    match routing {
-                        Routing::Max(codes) => {
-                            let codes = &codes[plane * h2 * w2 + (y / 2) * w2..][..w2];
-                            let left = (y % 2) as u8 * 2;
-                            for ((pair, &v), &code) in pairs.zip(codes) {
-                                pair[0] = if code == left { v } else { 0.0 };
-                                pair[1] = if code == left + 1 { v } else { 0.0 };
-                            }
+    let gate = gate.covering(n, "the pooling input")?;
+    out.par_chunks_mut(h * w).enumerate().for_each(|(plane, dst)| {
+        let g = &g[plane * h2 * w2..][..h2 * w2];
+        for (y, row) in dst.chunks_exact_mut(w).enumerate() {
+            // Row by row, each window's gradient written to its two inputs in this row:
+            // no division or routing test per element.
+            if y / 2 < h2 {
+                let grads = &g[(y / 2) * w2..][..w2];
+                let pairs = row.chunks_exact_mut(2).zip(grads);
+                match routing {
+                    Routing::Max(codes) => {
+                        let codes = &codes[plane * h2 * w2 + (y / 2) * w2..][..w2];
+                        let left = (y % 2) as u8 * 2;
+                        for ((pair, &v), &code) in pairs.zip(codes) {
+                            pair[0] = if code == left { v } else { 0.0 };
+                            pair[1] = if code == left + 1 { v } else { 0.0 };
                         }
-                        Routing::Avg => {
-                            for (pair, &v) in pairs {
-                                pair.fill(v * 0.25);
-                            }
+                    }
+                    Routing::Avg => {
+                        for (pair, &v) in pairs {
+                            pair.fill(v * 0.25);
                         }
                     }
                 }
-                gate.pass(row, add, plane * h * w + y * w);
             }
-        });
-        Ok(())
-    })?;
+            gate.pass(row, add, plane * h * w + y * w);
+        }
+    });
     Tensor::from_vec(out, input_dims, &Device::Cpu)
 }
 
