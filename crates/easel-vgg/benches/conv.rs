@@ -13,18 +13,7 @@ use measure::cpu_seconds;
 
 use candle_core::{Device, Tensor};
 
-// The kernels are private to easel-vgg; the bench compiles the same files.
-#[allow(dead_code)]
-#[path = "../src/conv/kernels.rs"]
-mod kernels;
-#[allow(dead_code)]
-#[path = "../src/conv/simd.rs"]
-mod simd;
-#[allow(dead_code)]
-#[path = "../src/conv/winograd.rs"]
-mod winograd;
-
-use kernels::{Conv3x3, Epilogue, Taps};
+use easel_vgg::conv_bench::{self, Pass};
 
 /// (name, c_in, c_out, downsampling) of every conv up to conv5_1.
 const LAYERS: &[(&str, usize, usize, usize)] = &[
@@ -166,8 +155,7 @@ fn main() -> candle_core::Result<()> {
     let mut totals = [[0f64; 3]; 2];
     for &(name, c_in, c_out, down) in LAYERS {
         let (h, w) = (h0 / down, w0 / down);
-        let fwd = Conv3x3 { c_in, c_out, height: h, width: w };
-        let grad = Conv3x3 { c_in: c_out, c_out: c_in, height: h, width: w };
+        let (fwd, grad) = ((c_in, c_out, h, w), (c_out, c_in, h, w));
         let x = noise(c_in * h * w, 1);
         let g = noise(c_out * h * w, 2);
         let k = noise(c_out * c_in * 9, 3);
@@ -175,14 +163,14 @@ fn main() -> candle_core::Result<()> {
         let gflop = 18.0 * (c_in * c_out * h * w) as f64 / 1e9;
         let rate = |(wall, cpu): (f64, f64)| format!("{:.0}/{:.0}", gflop / wall, gflop / cpu.max(1e-9));
         let n = repeats(name) as f64;
-        let fd = time(reps, || drop(fwd.run(&x, Taps::Plain(&k), Epilogue::Bias(&b), false)));
-        let gd = time(reps, || drop(grad.run(&g, Taps::FlippedOf(&k), Epilogue::None, false)));
-        let fw = winograd::choose(&fwd).map(|t| {
-            time(reps, || drop(winograd::run(t, &fwd, &x, Taps::Plain(&k), Epilogue::Bias(&b), false, None)))
-        });
-        let gw = winograd::choose(&grad).map(|t| {
-            time(reps, || drop(winograd::run(t, &grad, &g, Taps::FlippedOf(&k), Epilogue::None, false, None)))
-        });
+        let forward = Pass::Forward { bias: &b };
+        let fd = time(reps, || drop(conv_bench::direct(fwd, &x, &k, forward)));
+        let gd = time(reps, || drop(conv_bench::direct(grad, &g, &k, Pass::InputGradient)));
+        // Whether Winograd suits a shape is known before timing: one run says.
+        let fw = conv_bench::winograd(fwd, &x, &k, forward)
+            .map(|_| time(reps, || drop(conv_bench::winograd(fwd, &x, &k, forward))));
+        let gw = conv_bench::winograd(grad, &g, &k, Pass::InputGradient)
+            .map(|_| time(reps, || drop(conv_bench::winograd(grad, &g, &k, Pass::InputGradient))));
         if fw.is_none() {
             totals[0][1] += fd.0 * n;
         }

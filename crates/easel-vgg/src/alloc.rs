@@ -3,9 +3,9 @@
 //! Every evaluation allocates and frees activations and gradients of tens of MB. glibc
 //! gives each block above its mmap threshold (which it adjusts up to 32 MiB at most) a
 //! fresh `mmap` and unmaps it when freed, so every evaluation faulted in and zeroed the same
-//! amount of memory again: at 512 px a 6-iteration bench took 750k page faults and 1.7 s of
-//! system time. [`reuse_large_blocks`] keeps such blocks on the heap, where the next
-//! evaluation finds them already mapped (130k faults, 0.35 s). Peak memory stays the same,
+//! amount of memory again, at a large cost in page faults and system time (the README has
+//! the figures). [`reuse_large_blocks`] keeps such blocks on the heap, where the next
+//! evaluation finds them already mapped. Peak memory stays the same,
 //! as the same buffers are live at the peak; [`release_free_memory`] hands the free pages
 //! back to the system when a long-lived process (the daemon) goes idle.
 //!

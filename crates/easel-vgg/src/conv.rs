@@ -1,19 +1,25 @@
 //! The 3x3 same-padding convolution, forward and input gradient: the one place to speed up.
 //!
-//! On the CPU, for contiguous f32 tensors, both run on [`kernels`] (chunked im2col and
-//! `gemm`'s SIMD kernels, on the rayon pool) or on [`winograd`], as [`Winograd`] chooses; on
-//! other devices, or for other layouts, on candle's `conv2d`. The paths agree to float
-//! rounding (see the tests).
+//! On the CPU backend both run on easel's own kernels, [`direct`] (chunked im2col and
+//! `gemm`'s SIMD kernels, on the rayon pool) or [`winograd`], as [`Winograd`] chooses, with
+//! bias, ReLU or the ReLU backward of the layer below applied as each output is stored
+//! ([`epilogue`]). The generic backend runs them on candle's `conv2d`, on any device
+//! ([`generic`]). The paths agree to float rounding (see the tests).
 
-mod kernels;
-mod simd;
+mod direct;
+mod epilogue;
+mod gemm;
+pub(crate) mod generic;
+mod schedule;
 mod winograd;
 
-use candle_core::{DType, Device, Result, Storage, Tensor};
+use candle_core::{Device, Tensor};
 
-use crate::model::relu_pool::{self, ReluGate};
-pub(crate) use kernels::{positive_bits, Gate};
-use kernels::{Conv3x3, Epilogue, Taps};
+use crate::cpu_tensor::{contiguous_f32, host_slice, HostSlice};
+use crate::relu_mask::{relu_backward, ReluMask};
+use crate::VggError;
+use direct::{Conv3x3, Filter};
+use epilogue::Epilogue;
 pub(crate) use winograd::KernelCache;
 
 /// Which convolutions run as Winograd F(4x4, 3x3) on the CPU (F(2x2, 3x3) on images with
@@ -75,171 +81,117 @@ pub(crate) enum Algo<'a> {
     Winograd(Option<(&'a KernelCache, usize)>),
 }
 
-/// `conv3x3(x, w) + b` with padding 1, stride 1; `bias` is `[1, C_out, 1, 1]`, run on the CPU
-/// path as `algo` says.
-pub(crate) fn forward(x: &Tensor, weight: &Tensor, bias: &Tensor, algo: Algo<'_>) -> Result<Tensor> {
-    if let Some(y) = conv_cpu(x, weight, false, Post::Bias(bias), false, algo)? {
-        return Ok(y);
-    }
-    forward_candle(x, weight, bias)
+/// `conv3x3(x, w) + b` with padding 1, stride 1, on the CPU kernels as `algo` says; `bias` is
+/// `[1, C_out, 1, 1]`.
+pub(crate) fn forward(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    algo: Algo<'_>,
+) -> Result<Tensor, VggError> {
+    let bias = host_slice(bias)?;
+    run(x, weight, Direction::Forward, Epilogue::Bias(bias.get()), algo)
 }
 
-/// `relu(conv3x3(x, w) + b)`: [`forward`] and ReLU in one pass over the output on the CPU.
-pub(crate) fn forward_relu(x: &Tensor, weight: &Tensor, bias: &Tensor, algo: Algo<'_>) -> Result<Tensor> {
-    if let Some(y) = conv_cpu(x, weight, false, Post::Bias(bias), true, algo)? {
-        return Ok(y);
-    }
-    forward_candle(x, weight, bias)?.relu()
+/// `relu(conv3x3(x, w) + b)`: [`forward`] and the ReLU in one pass over the output.
+pub(crate) fn forward_relu(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    algo: Algo<'_>,
+) -> Result<Tensor, VggError> {
+    let bias = host_slice(bias)?;
+    run(x, weight, Direction::Forward, Epilogue::BiasRelu(bias.get()), algo)
 }
 
 /// Gradient w.r.t. the input of [`forward`], given the gradient of its output.
 ///
 /// For a stride-1, pad-1 3x3 convolution this is again such a convolution, with the kernel
 /// `weight` (`[C_out, C_in, 3, 3]`) flipped in both spatial axes and its channel axes
-/// swapped; the CPU path reads `weight` that way in place. No kernel gradient is computed:
+/// swapped; the CPU kernels read `weight` that way in place. No kernel gradient is computed:
 /// the weights are frozen.
-pub(crate) fn input_grad(grad_out: &Tensor, weight: &Tensor, algo: Algo<'_>) -> Result<Tensor> {
-    if let Some(g) = conv_cpu(grad_out, weight, true, Post::None, false, algo)? {
-        return Ok(g);
-    }
-    input_grad_candle(grad_out, weight)
-}
-
-fn forward_candle(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    x.conv2d(weight, 1, 1, 1, 1)?.broadcast_add(bias)
-}
-
-fn input_grad_candle(grad_out: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    grad_out.conv2d(&flipped(weight)?, 1, 1, 1, 1)
-}
-
-/// `flipped[i][o][ky][kx] = weight[o][i][2 - ky][2 - kx]`: the kernel of the input gradient
-/// as candle's `conv2d` needs it (made per call on that path; the CPU path needs no copy).
-fn flipped(weight: &Tensor) -> Result<Tensor> {
-    let (c_out, c_in, kh, kw) = weight.dims4()?;
-    let reversed: Vec<u32> = (0..(kh * kw) as u32).rev().collect();
-    let reversed = Tensor::from_vec(reversed, kh * kw, weight.device())?;
-    weight
-        .reshape((c_out, c_in, kh * kw))?
-        .index_select(&reversed, 2)?
-        .reshape((c_out, c_in, kh, kw))?
-        .transpose(0, 1)?
-        .contiguous()
+pub(crate) fn input_grad(grad_out: &Tensor, weight: &Tensor, algo: Algo<'_>) -> Result<Tensor, VggError> {
+    run(grad_out, weight, Direction::InputGradient, Epilogue::None, algo)
 }
 
 /// [`input_grad`], then the backward pass of the ReLU whose output was this convolution's
-/// input: `(input_grad + add) * gate`, where `add` is that ReLU's own upstream gradient.
-pub(crate) fn input_grad_gated(
+/// input: `(input_grad + add) * mask`, where `add` is that ReLU's own upstream gradient.
+pub(crate) fn input_grad_masked(
     grad_out: &Tensor,
     weight: &Tensor,
     add: Option<&Tensor>,
-    gate: &ReluGate,
+    mask: &ReluMask,
     algo: Algo<'_>,
-) -> Result<Tensor> {
-    let add = add.map(relu_pool::contiguous_f32).transpose()?;
-    let post = Post::Gate { add: add.as_ref(), gate };
-    if let Some(g) = conv_cpu(grad_out, weight, true, post, false, algo)? {
-        return Ok(g);
+) -> Result<Tensor, VggError> {
+    if grad_out.dims4()?.0 != 1 {
+        // A mask covers the whole batch, which the kernels see one image at a time.
+        return relu_backward(&input_grad(grad_out, weight, algo)?, add, mask);
     }
-    relu_pool::relu_backward(&input_grad_candle(grad_out, weight)?, add.as_ref(), gate)
+    let (_, _, height, width) = grad_out.dims4()?;
+    // The gradient has the forward convolution's input channels.
+    let n = weight.dims4()?.1 * height * width;
+    let add = add.map(contiguous_f32).transpose()?;
+    let add = add.as_ref().map(host_slice).transpose()?;
+    let add = add.as_ref().map(HostSlice::get);
+    if add.is_some_and(|a| a.len() != n) {
+        return Err(VggError::Internal("a tap gradient and its ReLU's gradient differ in size".into()));
+    }
+    let mask = mask.covering(n, "the input gradient")?;
+    run(grad_out, weight, Direction::InputGradient, Epilogue::ReluBackward { add, mask }, algo)
 }
 
-/// What follows the product in [`conv_cpu`].
-#[derive(Clone, Copy)]
-enum Post<'a> {
-    None,
-    Bias(&'a Tensor),
-    Gate { add: Option<&'a Tensor>, gate: &'a ReluGate },
+/// Which convolution a kernel `[C_out, C_in, 3, 3]` stands for in [`run`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// The convolution itself.
+    Forward,
+    /// Its input gradient: the kernel flipped, with its channel axes swapped.
+    InputGradient,
 }
 
-/// Runs the convolution on [`kernels`] (or [`winograd`] if `algo` says so and the shape suits it)
-/// when every operand is a contiguous f32 tensor in CPU memory with the expected shapes;
-/// `None` sends the caller to candle's path. With `flip`, `kernel` is the weight of the
-/// forward convolution whose input gradient this is (see [`input_grad`]).
-fn conv_cpu(
+/// Runs one convolution of every image of `x` on [`direct`] (or [`winograd`] if `algo` says
+/// so and the shape suits it).
+fn run(
     x: &Tensor,
-    kernel: &Tensor,
-    flip: bool,
-    post: Post<'_>,
-    relu: bool,
+    weight: &Tensor,
+    direction: Direction,
+    epilogue: Epilogue<'_>,
     algo: Algo<'_>,
-) -> Result<Option<Tensor>> {
-    let on_cpu = |t: &Tensor| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32;
+) -> Result<Tensor, VggError> {
     let (batch, c_in, height, width) = x.dims4()?;
-    let (c_out, k_in, kh, kw) = match kernel.dims4()? {
-        (o, i, kh, kw) if flip => (i, o, kh, kw),
-        dims => dims,
+    let (c_out, k_in) = match (weight.dims4()?, direction) {
+        ((o, i, 3, 3), Direction::Forward) => (o, i),
+        ((o, i, 3, 3), Direction::InputGradient) => (i, o),
+        (dims, _) => return Err(VggError::Internal(format!("a convolution kernel of shape {dims:?}"))),
     };
-    let out_len = batch * c_out * height * width;
-    let post_ok = match post {
-        Post::None => true,
-        Post::Bias(b) => on_cpu(b) && b.elem_count() == c_out,
-        // Bit masks cover the whole batch: one image at a time cannot index them (batches of
-        // one are all the feature stack sees; larger ones take candle's path).
-        Post::Gate { add: Some(a), .. } => batch == 1 && on_cpu(a) && a.elem_count() == out_len,
-        Post::Gate { add: None, .. } => batch == 1,
-    };
-    if !on_cpu(x) || !on_cpu(kernel) || !post_ok || k_in != c_in || (kh, kw) != (3, 3) {
-        return Ok(None);
+    if k_in != c_in {
+        return Err(VggError::Internal(format!("a kernel for {k_in} input channels applied to {c_in}")));
     }
     let shape = Conv3x3 { c_in, c_out, height, width };
-    let (x_storage, x_layout) = x.storage_and_layout();
-    let (k_storage, k_layout) = kernel.storage_and_layout();
-    let (Some(x_data), Some(k)) = (cpu_slice(&x_storage, x_layout), cpu_slice(&k_storage, k_layout)) else {
-        return Ok(None);
+    let x = contiguous_f32(x)?;
+    let x = host_slice(&x)?;
+    let k = host_slice(weight)?;
+    let filter = match direction {
+        Direction::Forward => Filter::Plain(k.get()),
+        Direction::InputGradient => Filter::FlippedOf(k.get()),
     };
-    let k = if flip { Taps::FlippedOf(k) } else { Taps::Plain(k) };
-    let one = |image: &[f32], epilogue: Epilogue<'_>| match (algo, winograd::choose(&shape)) {
-        (Algo::Winograd(cache), Some(tile)) => winograd::run(tile, &shape, image, k, epilogue, relu, cache),
-        _ => shape.run(image, k, epilogue, relu),
+    let one = |image: &[f32]| match (algo, winograd::choose(&shape)) {
+        (Algo::Winograd(cache), Some(tile)) => winograd::run(tile, &shape, image, filter, epilogue, cache),
+        _ => shape.run(image, filter, epilogue),
     };
-    let run = |epilogue: Epilogue<'_>| -> Vec<f32> {
-        if batch == 1 {
-            return one(x_data, epilogue);
-        }
-        let per_image = c_in * height * width;
-        let mut out = Vec::with_capacity(out_len);
-        for image in x_data.chunks_exact(per_image.max(1)).take(batch) {
-            out.extend_from_slice(&one(image, epilogue));
-        }
-        out
+    let out = if batch == 1 {
+        one(x.get())
+    } else {
+        let per_image = (c_in * height * width).max(1);
+        x.get().chunks_exact(per_image).take(batch).flat_map(one).collect()
     };
-    let out = match post {
-        Post::None => run(Epilogue::None),
-        Post::Bias(b) => {
-            let (b_storage, b_layout) = b.storage_and_layout();
-            let Some(bias) = cpu_slice(&b_storage, b_layout) else { return Ok(None) };
-            run(Epilogue::Bias(bias))
-        }
-        Post::Gate { add, gate } => {
-            let add_guard = add.map(|a| a.storage_and_layout());
-            let add = match &add_guard {
-                Some((s, l)) => match cpu_slice(s, l) {
-                    Some(a) => Some(a),
-                    None => return Ok(None),
-                },
-                None => None,
-            };
-            run(Epilogue::Gate { add, gate: gate.covering(out_len, "the input gradient")? })
-        }
-    };
-    Ok(Some(Tensor::from_vec(out, (batch, c_out, height, width), &Device::Cpu)?))
-}
-
-/// The elements of a contiguous f32 tensor held in CPU memory, without copying.
-fn cpu_slice<'a>(storage: &'a Storage, layout: &candle_core::Layout) -> Option<&'a [f32]> {
-    match storage {
-        Storage::Cpu(cpu) => {
-            let (start, end) = layout.contiguous_offsets()?;
-            cpu.as_slice::<f32>().ok()?.get(start..end)
-        }
-        _ => None,
-    }
+    Ok(Tensor::from_vec(out, (batch, c_out, height, width), &Device::Cpu)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::noise::noise;
 
     fn algo(winograd: bool) -> Algo<'static> {
         if winograd {
@@ -251,14 +203,8 @@ mod tests {
 
     fn random(shape: (usize, usize, usize, usize), seed: u64) -> Tensor {
         let n = shape.0 * shape.1 * shape.2 * shape.3;
-        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                z = z.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).expect("shape matches")
+        Tensor::from_vec(noise(n, seed.wrapping_add(0x9E37_79B9_7F4A_7C15)), shape, &Device::Cpu)
+            .expect("shape matches")
     }
 
     /// Largest |a - b| over the largest |b|: a relative error that ignores cancellations.
@@ -321,7 +267,7 @@ mod tests {
                 (random((c_out, c_in, 3, 3), 100 + i as u64) * (1.0 / (9.0 * c_in as f64).sqrt())).unwrap();
             let b = random((1, c_out, 1, 1), 200 + i as u64);
             let fast = forward(&x, &k, &b, algo(winograd)).unwrap();
-            let slow = forward_candle(&x, &k, &b).unwrap();
+            let slow = generic::forward(&x, &k, &b).unwrap();
             assert_eq!(fast.dims(), slow.dims());
             let err = rel_err(&fast, &slow);
             assert!(err < tol, "winograd {winograd} {c_in}->{c_out} at {h}x{w}: relative error {err}");
@@ -363,8 +309,8 @@ mod tests {
             assert_eq!(fast.dims(), slow.dims());
             let err = rel_err(&fast, &slow);
             assert!(err < tol, "winograd {winograd} grad {c_out}->{c_in} at {h}x{w}: relative error {err}");
-            // candle's path (other devices) flips with tensor ops.
-            let err = rel_err(&input_grad_candle(&g, &weight).unwrap(), &slow);
+            // The generic backend flips the kernel with tensor ops.
+            let err = rel_err(&generic::input_grad(&g, &generic::flipped(&weight).unwrap()).unwrap(), &slow);
             assert!(err < 1e-6, "candle's path, grad {c_out}->{c_in} at {h}x{w}: relative error {err}");
         }
     }
@@ -374,12 +320,13 @@ mod tests {
         let x = random((2, 8, 6, 5), 7);
         let k = random((4, 8, 3, 3), 8);
         let b = random((1, 4, 1, 1), 9);
-        let err = rel_err(&forward(&x, &k, &b, Algo::Direct).unwrap(), &forward_candle(&x, &k, &b).unwrap());
+        let err =
+            rel_err(&forward(&x, &k, &b, Algo::Direct).unwrap(), &generic::forward(&x, &k, &b).unwrap());
         assert!(err < 1e-5, "batch of 2: {err}");
-        // A transposed (non-contiguous) input goes through candle's path and still agrees.
+        // A transposed (non-contiguous) input is made contiguous first.
         let xt = random((1, 8, 5, 6), 10).transpose(2, 3).unwrap();
         let err =
-            rel_err(&forward(&xt, &k, &b, Algo::Direct).unwrap(), &forward_candle(&xt, &k, &b).unwrap());
+            rel_err(&forward(&xt, &k, &b, Algo::Direct).unwrap(), &generic::forward(&xt, &k, &b).unwrap());
         assert!(err < 1e-5, "transposed input: {err}");
     }
 }
@@ -387,6 +334,7 @@ mod tests {
 #[cfg(test)]
 mod accuracy {
     use super::*;
+    use candle_core::DType;
 
     /// Relative L2 distance of `t` from the f64 result `exact`.
     fn distance(t: &Tensor, exact: &Tensor) -> f64 {
@@ -411,8 +359,56 @@ mod accuracy {
             let exact =
                 x.to_dtype(DType::F64).unwrap().conv2d(&k.to_dtype(DType::F64).unwrap(), 1, 1, 1, 1).unwrap();
             let ours = distance(&forward(&x, &k, &b, Algo::Direct).unwrap(), &exact);
-            let candle = distance(&forward_candle(&x, &k, &b).unwrap(), &exact);
+            let candle = distance(&generic::forward(&x, &k, &b).unwrap(), &exact);
             assert!(ours <= candle * 1.05, "{c_in}->{c_out}: fast {ours:.3e} vs candle {candle:.3e}");
         }
+    }
+}
+
+/// The CPU convolutions on raw slices, for the `conv` bench (`cargo bench -p easel-vgg --bench
+/// conv`); not a stable API.
+#[doc(hidden)]
+pub mod bench {
+    use super::direct::{Conv3x3, Filter};
+    use super::epilogue::Epilogue;
+    use super::winograd;
+
+    /// Which convolution to run: `kernel` is `[c_out, c_in, 3, 3]` plus a bias for the
+    /// forward pass, and the forward pass's `[c_in, c_out, 3, 3]` for its input gradient.
+    #[derive(Debug, Clone, Copy)]
+    pub enum Pass<'a> {
+        Forward { bias: &'a [f32] },
+        InputGradient,
+    }
+
+    fn parts<'a>(pass: Pass<'a>, kernel: &'a [f32]) -> (Filter<'a>, Epilogue<'a>) {
+        match pass {
+            Pass::Forward { bias } => (Filter::Plain(kernel), Epilogue::Bias(bias)),
+            Pass::InputGradient => (Filter::FlippedOf(kernel), Epilogue::None),
+        }
+    }
+
+    /// The direct path, `input` `[c_in, height, width]` to `[c_out, height, width]`.
+    pub fn direct(
+        (c_in, c_out, height, width): (usize, usize, usize, usize),
+        input: &[f32],
+        kernel: &[f32],
+        pass: Pass<'_>,
+    ) -> Vec<f32> {
+        let (filter, epilogue) = parts(pass, kernel);
+        Conv3x3 { c_in, c_out, height, width }.run(input, filter, epilogue)
+    }
+
+    /// Winograd with the tiles easel would choose for this shape, without a kernel cache;
+    /// `None` where easel would run it direct.
+    pub fn winograd(
+        (c_in, c_out, height, width): (usize, usize, usize, usize),
+        input: &[f32],
+        kernel: &[f32],
+        pass: Pass<'_>,
+    ) -> Option<Vec<f32>> {
+        let shape = Conv3x3 { c_in, c_out, height, width };
+        let (filter, epilogue) = parts(pass, kernel);
+        winograd::choose(&shape).map(|tile| winograd::run(tile, &shape, input, filter, epilogue, None))
     }
 }

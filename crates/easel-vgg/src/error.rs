@@ -23,6 +23,18 @@ pub enum VggError {
     ImageTooSmall { height: usize, width: usize, layer: String, min: usize },
     #[error("layer {layer} is deeper than the loaded model (up to {loaded})")]
     NotLoaded { layer: String, loaded: String },
+    #[error("no gradient can flow back from {layer}: the traced forward pass did not return it")]
+    NotTraced { layer: String },
+    #[error("the gradient given for {layer} has shape {found:?}; the layer's output has {expected:?}")]
+    GradientShape { layer: String, expected: Vec<usize>, found: Vec<usize> },
+    #[error("the {backend:?} backend cannot run on {device}")]
+    BackendDevice { backend: crate::Backend, device: String },
+    #[error("this trace was made by a model on another backend")]
+    ForeignTrace,
+    /// A broken invariant of this crate: a bug, reported instead of a panic so that a daemon
+    /// fails one job and carries on.
+    #[error("internal error in the VGG-19 layers: {0}")]
+    Internal(String),
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
 }

@@ -89,6 +89,16 @@ fn layer_of(index: usize) -> String {
 
 impl WeightsFile {
     /// Maps and parses the header of `path`; tensor data is not read yet.
+    ///
+    /// # The mapped file
+    ///
+    /// The file is mapped, not read, so it must not be truncated or rewritten in place while
+    /// this value (or a model loading from it) is alive: a shrunk file makes a later read fault
+    /// (SIGBUS, which ends the process) and a rewrite changes tensors under the reader. That is
+    /// memmap2's `unsafe` contract, which this function takes on rather than passing it to
+    /// every caller: easel's own writers (`easel weights synth`, `fetch`, `convert`) write a
+    /// temp file and rename it over the old one, which leaves a mapped file untouched, and
+    /// the install docs say to replace weights the same way (`mv`, never `cp` over them).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, VggError> {
         let path = path.as_ref().to_path_buf();
         let io = |source| VggError::Io { path: path.clone(), source };

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use easel_core::LayerId;
-use easel_vgg::{Pooling, Preprocess, Vgg19, WeightsFile, Winograd, CONVS};
+use easel_vgg::{Backend, Pooling, Preprocess, Vgg19, WeightsFile, Winograd, CONVS, POOLS};
 
 /// 2x2 pooling from reshapes and reductions, whose autograd is exact. (candle 0.11's own
 /// pooling backward differs from PyTorch: max pooling scales the gradient by 1/4, and average
@@ -58,7 +58,7 @@ fn reference_forward(
             )
             .unwrap();
             h.conv2d(&w, 1, 1, 1, 1).unwrap().broadcast_add(&b).unwrap()
-        } else if [4, 9, 18, 27, 36].contains(&index) {
+        } else if POOLS.contains(&index) {
             pool(&h, pooling)
         } else {
             h.relu().unwrap()
@@ -87,7 +87,7 @@ fn pseudo_random(seed: u64, low: f32, high: f32, dims: &[usize]) -> Tensor {
 }
 
 #[test]
-fn input_gradient_matches_autograd_in_every_mode() {
+fn input_gradient_matches_autograd_on_every_backend_and_mode() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("w.safetensors");
     easel_vgg::synth::write(1, &path).unwrap();
@@ -104,18 +104,27 @@ fn input_gradient_matches_autograd_in_every_mode() {
     // its coarser rounding can flip a ReLU whose input is within ~1e-6 of zero (or a max-pool
     // near-tie), which moves whole entries of the gradient: a looser bound.
     let cases = [
-        (&odd, Pooling::Max, Preprocess::Torchvision, Winograd::Gradients, 1e-5),
-        (&odd, Pooling::Avg, Preprocess::Caffe, Winograd::Gradients, 1e-5),
-        (&odd, Pooling::Max, Preprocess::Torchvision, Winograd::None, 1e-5),
-        (&odd, Pooling::Avg, Preprocess::Caffe, Winograd::All, 1e-3),
-        (&odd, Pooling::Max, Preprocess::Torchvision, Winograd::All, 1e-3),
+        (&odd, Pooling::Max, Preprocess::Torchvision, Backend::Cpu, Winograd::Gradients, 1e-5),
+        (&odd, Pooling::Avg, Preprocess::Caffe, Backend::Cpu, Winograd::Gradients, 1e-5),
+        (&odd, Pooling::Max, Preprocess::Torchvision, Backend::Cpu, Winograd::None, 1e-5),
+        (&odd, Pooling::Avg, Preprocess::Caffe, Backend::Cpu, Winograd::All, 1e-3),
+        (&odd, Pooling::Max, Preprocess::Torchvision, Backend::Cpu, Winograd::All, 1e-3),
         // Average pooling only: with max pooling this image has a near-tie that candle's f32
         // autograd resolves the other way from easel's direct path too (2e-3 with `None`).
-        (&larger, Pooling::Avg, Preprocess::Caffe, Winograd::Deep, 1e-3),
+        (&larger, Pooling::Avg, Preprocess::Caffe, Backend::Cpu, Winograd::Deep, 1e-3),
+        // The generic backend (the path of CUDA and Metal) runs candle's ops, as the reference
+        // does, but backward by hand: its own pooling and ReLU steps, and flipped kernels.
+        (&odd, Pooling::Max, Preprocess::Torchvision, Backend::Generic, Winograd::None, 1e-5),
+        (&odd, Pooling::Avg, Preprocess::Caffe, Backend::Generic, Winograd::None, 1e-5),
+        (&larger, Pooling::Max, Preprocess::Caffe, Backend::Generic, Winograd::None, 1e-5),
     ];
-    for (x, pooling, preprocess, mode, tolerance) in cases {
-        let vgg =
-            Vgg19::load(&weights, LayerId::Relu5_1, pooling, preprocess, &dev).unwrap().with_winograd(mode);
+    for (x, pooling, preprocess, backend, mode, tolerance) in cases {
+        let vgg = Vgg19::load(&weights, LayerId::Relu5_1, pooling, preprocess, &dev)
+            .unwrap()
+            .with_backend(backend)
+            .unwrap()
+            .with_winograd(mode);
+        assert_eq!(vgg.backend(), backend);
         let (features, trace) = vgg.forward_traced(x, &taps).unwrap();
         // d/dF of sum(F * R) is R: random upstream gradients at every tap, plus the pixels.
         let upstream: Vec<(LayerId, Tensor)> = features
@@ -140,7 +149,38 @@ fn input_gradient_matches_autograd_in_every_mode() {
             (&ours - expected).unwrap().to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap();
         let norm = expected.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap();
         let rel = (diff.to_scalar::<f64>().unwrap() / norm.to_scalar::<f64>().unwrap()).sqrt();
-        eprintln!("{pooling:?}/{preprocess:?}/{mode:?}: relative L2 error {rel:.2e}");
-        assert!(rel < tolerance, "{pooling:?}/{preprocess:?}/{mode:?}: relative L2 error {rel:.2e}");
+        let case = format!("{backend:?} {pooling:?}/{preprocess:?}/{mode:?}");
+        eprintln!("{case}: relative L2 error {rel:.2e}");
+        assert!(rel < tolerance, "{case}: relative L2 error {rel:.2e}");
     }
+}
+
+/// Gradients that do not fit the trace are errors naming the layer, not panics, and a trace
+/// only serves the backend that made it.
+#[test]
+fn gradients_that_do_not_fit_the_trace_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.safetensors");
+    easel_vgg::synth::write(1, &path).unwrap();
+    let weights = WeightsFile::open(&path).unwrap();
+    let cpu =
+        Vgg19::load(&weights, LayerId::Relu2_1, Pooling::Max, Preprocess::Torchvision, &Device::Cpu).unwrap();
+    let x = pseudo_random(3, 0.0, 1.0, &[1, 3, 20, 24]);
+    let (features, trace) = cpu.forward_traced(&x, &[LayerId::Relu1_1]).unwrap();
+    let relu1_1 = features.get(LayerId::Relu1_1).unwrap();
+
+    let wrong = pseudo_random(4, -1.0, 1.0, &[1, 64, 20, 23]);
+    let err = cpu.backward(&trace, &[(LayerId::Relu1_1, wrong)]).unwrap_err().to_string();
+    assert!(
+        err.contains("relu1_1") && err.contains("[1, 64, 20, 23]") && err.contains("[1, 64, 20, 24]"),
+        "{err}"
+    );
+
+    let err = cpu.backward(&trace, &[(LayerId::Relu2_1, relu1_1.clone())]).unwrap_err().to_string();
+    assert!(err.contains("relu2_1") && err.contains("did not return it"), "{err}");
+
+    let generic = cpu.clone().with_backend(Backend::Generic).unwrap();
+    let err = generic.backward(&trace, &[(LayerId::Relu1_1, relu1_1.clone())]).unwrap_err().to_string();
+    assert!(err.contains("another backend"), "{err}");
+    assert!(cpu.backward(&trace, &[(LayerId::Relu1_1, relu1_1.clone())]).is_ok());
 }

@@ -10,7 +10,7 @@
 /// The vector units [`widest`] can use, narrowest first (only the baseline off x86-64).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-pub(super) enum Level {
+pub(crate) enum Level {
     Baseline,
     Avx2,
     Avx512,
@@ -31,35 +31,10 @@ fn detected() -> Level {
     Level::Baseline
 }
 
-/// Tests lower the level to compare the variants on one machine (process-wide: the work
-/// runs on rayon's threads; the variants give equal results, so other tests do not notice).
-#[cfg(test)]
-static CAP: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(Level::Avx512 as u8);
-
-/// Makes [`widest`] use at most `level` (tests only).
-#[cfg(test)]
-pub(super) fn cap(level: Level) {
-    CAP.store(level as u8, std::sync::atomic::Ordering::SeqCst);
-}
-
-/// The level [`widest`] uses now.
-#[inline(always)]
-pub(super) fn level() -> Level {
-    #[cfg(test)]
-    let cap = match CAP.load(std::sync::atomic::Ordering::SeqCst) {
-        0 => Level::Baseline,
-        1 => Level::Avx2,
-        _ => Level::Avx512,
-    };
-    #[cfg(not(test))]
-    let cap = Level::Avx512;
-    detected().min(cap)
-}
-
 /// A piece of work to compile for several vector units: `run` must be `#[inline(always)]`
 /// (and so must what it calls), so that it is compiled into each of [`widest`]'s variants.
 /// (A closure would not do: its body is compiled once, with the baseline features.)
-pub(super) trait Kernel {
+pub(crate) trait Kernel {
     type Output;
     fn run(self) -> Self::Output;
 }
@@ -67,9 +42,29 @@ pub(super) trait Kernel {
 /// Runs `k` compiled for AVX-512 or AVX2 when the CPU has them (checked at run time, cached
 /// by std), else for the baseline.
 #[inline(always)]
-pub(super) fn widest<K: Kernel>(k: K) -> K::Output {
-    match level() {
-        // SAFETY: `level` is at most what `detected` found this CPU to support.
+pub(crate) fn widest<K: Kernel>(k: K) -> K::Output {
+    // SAFETY: `detected` is what this CPU supports.
+    unsafe { run_at(detected(), k) }
+}
+
+/// Runs `k` compiled for `level`, if this CPU has that vector unit (`None` if not): how tests
+/// compare the variants, without a process-wide setting that tests running in parallel
+/// would share.
+#[cfg(test)]
+pub(crate) fn at<K: Kernel>(level: Level, k: K) -> Option<K::Output> {
+    // SAFETY: checked against what this CPU supports just before.
+    (level <= detected()).then(|| unsafe { run_at(level, k) })
+}
+
+/// Runs `k` compiled for `level`.
+///
+/// # Safety
+///
+/// The CPU must support `level` (it must be at most [`detected`]).
+#[inline(always)]
+unsafe fn run_at<K: Kernel>(level: Level, k: K) -> K::Output {
+    match level {
+        // SAFETY: this CPU supports `level`, by this function's contract.
         #[cfg(target_arch = "x86_64")]
         Level::Avx512 => unsafe { avx512(k) },
         // SAFETY: as above.

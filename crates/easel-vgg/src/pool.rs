@@ -1,86 +1,32 @@
-//! CPU loops for the ReLU and 2x2 pooling around the convolutions, their backward passes fused.
+//! 2x2, stride-2 pooling between VGG-19's blocks, and its backward pass: the CPU backend's
+//! loops (with the ReLU below folded in) and the generic backend's tensor ops.
 //!
-//! What backward needs is kept small: every ReLU output becomes a bit mask, and max pooling
-//! remembers which of its four inputs won (one byte per output), so the trace holds no
-//! full-size activations, not even the taps'. Each backward step writes its result
-//! once, with the ReLU below it (and that ReLU's tap gradient) folded in.
+//! On the CPU, max pooling remembers which of its four inputs won (one byte per output)
+//! instead of keeping its input for the backward pass.
 
-use candle_core::{DType, Device, Layout, Result, Storage, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
-use crate::conv::Gate;
+use crate::cpu_tensor::{contiguous_f32, host_slice, HostSlice};
+use crate::relu_mask::ReluMask;
+use crate::VggError;
 
-/// What the backward pass of one ReLU needs: which of its outputs were positive.
-/// One bit per element, even for a tap's ReLU: the caller may then drop the taps before the
-/// backward pass (at 512 px they are ~100 MB).
-pub(crate) struct ReluGate(Vec<u64>);
-
-impl ReluGate {
-    /// The gate of ReLU output `out`.
-    pub(crate) fn record(out: &Tensor) -> Result<Self> {
-        let out = contiguous_f32(out)?;
-        let (storage, layout) = out.storage_and_layout();
-        Ok(Self(crate::conv::positive_bits(slice(&storage, layout)?)))
-    }
-
-    /// The mask, checked to cover the `n` elements of `what` it is to gate.
-    pub(crate) fn covering(&self, n: usize, what: &str) -> Result<Gate<'_>> {
-        let gate = Gate(&self.0);
-        if gate.len() < n {
-            return Err(candle_core::Error::Msg(format!("ReLU gate smaller than {what}")));
-        }
-        Ok(gate)
-    }
-}
-
-/// `t` as a contiguous f32 tensor (a cheap clone when it already is one).
-pub(crate) fn contiguous_f32(t: &Tensor) -> Result<Tensor> {
-    let t = if t.dtype() == DType::F32 { t.clone() } else { t.to_dtype(DType::F32)? };
-    t.contiguous()
-}
-
-/// The elements of a contiguous f32 tensor in CPU memory.
-pub(crate) fn slice<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
-    let Storage::Cpu(cpu) = storage else {
-        return Err(candle_core::Error::Msg(
-            "the CPU ReLU/pooling path got a tensor on another device".into(),
-        ));
-    };
-    let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
-        candle_core::Error::Msg("the CPU ReLU/pooling path needs contiguous tensors".into())
-    })?;
-    Ok(&cpu.as_slice::<f32>()?[start..end])
-}
-
-/// `(grad + add) * gate`, elementwise: a ReLU's backward pass.
-pub(crate) fn relu_backward(grad: &Tensor, add: Option<&Tensor>, gate: &ReluGate) -> Result<Tensor> {
-    let grad = contiguous_f32(grad)?;
-    let add = add.map(contiguous_f32).transpose()?;
-    let (g_storage, g_layout) = grad.storage_and_layout();
-    let g = slice(&g_storage, g_layout)?;
-    let add_guard = add.as_ref().map(|a| a.storage_and_layout());
-    let add = add_guard.as_ref().map(|(s, l)| slice(s, l)).transpose()?;
-    if add.is_some_and(|a| a.len() != g.len()) {
-        return Err(candle_core::Error::Msg("tap gradient and ReLU gradient differ in size".into()));
-    }
-    let gate = gate.covering(g.len(), "its gradient")?;
-    let mut out = g.to_vec();
-    const BLOCK: usize = 1 << 14;
-    out.par_chunks_mut(BLOCK).enumerate().for_each(|(b, dst)| {
-        gate.pass(dst, add, b * BLOCK);
-    });
-    Tensor::from_vec(out, grad.shape(), &Device::Cpu)
+/// How the stack pools between blocks (2x2, stride 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    Max,
+    Avg,
 }
 
 /// 2x2, stride-2 max pooling of `x` `[b, c, h, w]` (odd last rows/columns dropped), and
 /// for each output the winner: 0..4 in row-major order within the window, the first of
 /// equal values winning, as in PyTorch.
-pub(crate) fn max_pool(x: &Tensor) -> Result<(Tensor, Vec<u8>)> {
+pub(crate) fn max_pool(x: &Tensor) -> Result<(Tensor, Vec<u8>), VggError> {
     let x = contiguous_f32(x)?;
     let (b, c, h, w) = x.dims4()?;
     let (h2, w2) = (h / 2, w / 2);
-    let (storage, layout) = x.storage_and_layout();
-    let input = slice(&storage, layout)?;
+    let input = host_slice(&x)?;
+    let input = input.get();
     let mut out = vec![0f32; b * c * h2 * w2];
     let mut codes = vec![0u8; out.len()];
     if !out.is_empty() {
@@ -116,35 +62,35 @@ pub(crate) enum Routing<'a> {
 }
 
 /// The gradient w.r.t. the input `[b, c, h, w]` of a 2x2 pooling, from the gradient of its
-/// output, then the ReLU below: `(routed + add) * gate`. Rows and columns that odd sizes
-/// dropped get only `add * gate`.
-pub(crate) fn pool_backward(
+/// output, then the ReLU below: `(routed + add) * mask`. Rows and columns that odd sizes
+/// dropped get only `add * mask`.
+pub(crate) fn backward(
     grad: &Tensor,
     input_dims: (usize, usize, usize, usize),
     routing: Routing<'_>,
     add: Option<&Tensor>,
-    gate: &ReluGate,
-) -> Result<Tensor> {
+    mask: &ReluMask,
+) -> Result<Tensor, VggError> {
     let (b, c, h, w) = input_dims;
     let (h2, w2) = (h / 2, w / 2);
     let grad = contiguous_f32(grad)?;
     if grad.dims4()? != (b, c, h2, w2) {
-        return Err(candle_core::Error::Msg("pooling gradient does not match the pooled shape".into()));
+        return Err(VggError::Internal("a pooling gradient does not match the pooled shape".into()));
     }
     let add = add.map(contiguous_f32).transpose()?;
-    let (g_storage, g_layout) = grad.storage_and_layout();
-    let g = slice(&g_storage, g_layout)?;
-    let add_guard = add.as_ref().map(|a| a.storage_and_layout());
-    let add = add_guard.as_ref().map(|(s, l)| slice(s, l)).transpose()?;
+    let g = host_slice(&grad)?;
+    let g = g.get();
+    let add = add.as_ref().map(host_slice).transpose()?;
+    let add = add.as_ref().map(HostSlice::get);
     let n = b * c * h * w;
     if add.is_some_and(|a| a.len() != n) || matches!(routing, Routing::Max(codes) if codes.len() != g.len()) {
-        return Err(candle_core::Error::Msg("pooling backward operands differ in size".into()));
+        return Err(VggError::Internal("the operands of a pooling backward differ in size".into()));
     }
     let mut out = vec![0f32; n];
     if n == 0 {
-        return Tensor::from_vec(out, input_dims, &Device::Cpu);
+        return Ok(Tensor::from_vec(out, input_dims, &Device::Cpu)?);
     }
-    let gate = gate.covering(n, "the pooling input")?;
+    let mask = mask.covering(n, "the pooling input")?;
     out.par_chunks_mut(h * w).enumerate().for_each(|(plane, dst)| {
         let g = &g[plane * h2 * w2..][..h2 * w2];
         for (y, row) in dst.chunks_exact_mut(w).enumerate() {
@@ -169,10 +115,54 @@ pub(crate) fn pool_backward(
                     }
                 }
             }
-            gate.pass(row, add, plane * h * w + y * w);
+            mask.apply(row, add, plane * h * w + y * w);
         }
     });
-    Tensor::from_vec(out, input_dims, &Device::Cpu)
+    Ok(Tensor::from_vec(out, input_dims, &Device::Cpu)?)
+}
+
+/// The generic backend's backward passes, on candle's tensor ops: each takes what that
+/// backend keeps (the pool's input, or its shape) and the gradient of the pool's output.
+pub(crate) mod generic {
+    use super::*;
+
+    /// Spreads each window's gradient evenly over its four inputs; inputs cut off by an odd
+    /// size get none.
+    pub(crate) fn avg_pool_backward(
+        input_dims: (usize, usize, usize, usize),
+        grad: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (_, _, h, w) = input_dims;
+        let (_, _, h2, w2) = grad.dims4()?;
+        (grad.upsample_nearest2d(2 * h2, 2 * w2)? * 0.25)?.pad_with_zeros(2, 0, h - 2 * h2)?.pad_with_zeros(
+            3,
+            0,
+            w - 2 * w2,
+        )
+    }
+
+    /// Routes each window's gradient to its maximum; on ties, to the first in row-major order,
+    /// as PyTorch does.
+    pub(crate) fn max_pool_backward(input: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = input.dims4()?;
+        let (h2, w2) = (h / 2, w / 2);
+        let x =
+            input.narrow(2, 0, 2 * h2)?.narrow(3, 0, 2 * w2)?.contiguous()?.reshape((b, c, h2, 2, w2, 2))?;
+        let corner = |dy: usize, dx: usize| x.narrow(3, dy, 1)?.narrow(5, dx, 1)?.reshape((b, c, h2, w2));
+        let (a, bb, cc, d) = (corner(0, 0)?, corner(0, 1)?, corner(1, 0)?, corner(1, 1)?);
+        let max = a.maximum(&bb)?.maximum(&cc.maximum(&d)?)?;
+        let is_max = |t: &Tensor| t.eq(&max)?.to_dtype(DType::F32);
+        let ma = is_max(&a)?;
+        let mb = (is_max(&bb)? * (1.0 - &ma)?)?;
+        let mc = (is_max(&cc)? * ((1.0 - &ma)? - &mb)?)?;
+        let md = (((1.0 - &ma)? - &mb)? - &mc)?;
+        let top = Tensor::stack(&[(grad * ma)?, (grad * mb)?], 4)?;
+        let bottom = Tensor::stack(&[(grad * mc)?, (grad * md)?], 4)?;
+        Tensor::stack(&[top, bottom], 3)?
+            .reshape((b, c, 2 * h2, 2 * w2))?
+            .pad_with_zeros(2, 0, h - 2 * h2)?
+            .pad_with_zeros(3, 0, w - 2 * w2)
+    }
 }
 
 #[cfg(test)]
@@ -202,10 +192,10 @@ mod tests {
         assert_eq!(winners, [0, 1]);
         // The gradient goes to the winners only, and through the ReLU mask of x (all > 0
         // but the 0.0), plus the tap gradient `add` everywhere the mask is open.
-        let gate = ReluGate::record(&x).unwrap();
+        let mask = ReluMask::of(&x).unwrap();
         let grad = tensor(&[10.0, 20.0], (1, 1, 1, 2));
         let add = tensor(&[1.0; 15], (1, 1, 3, 5));
-        let back = pool_backward(&grad, (1, 1, 3, 5), Routing::Max(&winners), Some(&add), &gate).unwrap();
+        let back = backward(&grad, (1, 1, 3, 5), Routing::Max(&winners), Some(&add), &mask).unwrap();
         #[rustfmt::skip]
         let expected = [
             11.0, 1.0,   0.0, 21.0,   1.0,
@@ -218,19 +208,8 @@ mod tests {
     #[test]
     fn avg_pool_backward_spreads_a_quarter() {
         let x = tensor(&[1.0, -1.0, 2.0, 3.0, 4.0, 5.0], (1, 1, 3, 2));
-        let gate = ReluGate::record(&x).unwrap();
-        let back =
-            pool_backward(&tensor(&[8.0], (1, 1, 1, 1)), (1, 1, 3, 2), Routing::Avg, None, &gate).unwrap();
+        let mask = ReluMask::of(&x).unwrap();
+        let back = backward(&tensor(&[8.0], (1, 1, 1, 1)), (1, 1, 3, 2), Routing::Avg, None, &mask).unwrap();
         assert_eq!(values(&back), [2.0, 0.0, 2.0, 2.0, 0.0, 0.0]);
-    }
-
-    #[test]
-    fn relu_backward_matches_the_mask_of_the_output() {
-        let out: Vec<f32> = (0..200).map(|i| if i % 3 == 0 { 0.0 } else { i as f32 }).collect();
-        let out = tensor(&out, (1, 2, 10, 10));
-        let grad = tensor(&(0..200).map(|i| i as f32 - 50.0).collect::<Vec<_>>(), (1, 2, 10, 10));
-        let expected = values(&(&grad * out.gt(0f32).unwrap().to_dtype(DType::F32).unwrap()).unwrap());
-        let gate = ReluGate::record(&out).unwrap();
-        assert_eq!(values(&relu_backward(&grad, None, &gate).unwrap()), expected);
     }
 }

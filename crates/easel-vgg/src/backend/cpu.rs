@@ -1,0 +1,176 @@
+//! The CPU backend: easel's convolution kernels, ReLU masks as bits, max-pooling winners as
+//! bytes, and a backward pass in which each step writes its result once, with the ReLU
+//! below it (and that ReLU's own tap gradient) folded in.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use easel_core::LayerId;
+
+use crate::conv::{self, Algo, KernelCache, Winograd};
+use crate::pool::{self, Pooling, Routing};
+use crate::relu_mask::{relu_backward, ReluMask};
+use crate::stack::{grad_at, op, ConvWeights, ForwardSteps, Op};
+use crate::VggError;
+
+/// The CPU backend's settings and its cache of transformed Winograd kernels.
+#[derive(Clone)]
+pub(crate) struct CpuLayers {
+    pub(crate) winograd: Winograd,
+    /// Shared by the model's clones, so that a daemon keeps it across jobs.
+    pub(crate) kernels: Arc<KernelCache>,
+}
+
+/// A pooling layer as its backward pass needs it.
+struct PoolRecord {
+    input_dims: (usize, usize, usize, usize),
+    /// Which input of each window won, for max pooling.
+    winners: Option<Vec<u8>>,
+}
+
+/// What a traced forward pass kept: each ReLU's mask, and each pool's input shape and
+/// winners. No activation is kept, so the caller may drop the features before backward.
+#[derive(Default)]
+pub(crate) struct Kept {
+    masks: BTreeMap<usize, ReluMask>,
+    pools: BTreeMap<usize, PoolRecord>,
+}
+
+impl Kept {
+    fn mask(&self, index: usize) -> Result<&ReluMask, VggError> {
+        self.masks
+            .get(&index)
+            .ok_or_else(|| VggError::Internal(format!("the trace lacks the ReLU at {index}")))
+    }
+}
+
+impl CpuLayers {
+    /// How the forward pass of convolution `k` runs.
+    fn forward_algo(&self, k: usize) -> Algo<'_> {
+        if self.winograd.forward_of(k) {
+            Algo::Winograd(Some((&self.kernels, k)))
+        } else {
+            Algo::Direct
+        }
+    }
+
+    /// How the input gradient of convolution `k` runs.
+    fn gradient_algo(&self, k: usize) -> Algo<'_> {
+        if self.winograd.gradients() {
+            Algo::Winograd(Some((&self.kernels, k)))
+        } else {
+            Algo::Direct
+        }
+    }
+
+    /// The gradient w.r.t. the normalised input, from `grads` at the layers' outputs.
+    pub(crate) fn backward(
+        &self,
+        convs: &[ConvWeights],
+        kept: &Kept,
+        grads: &[(LayerId, Tensor)],
+    ) -> Result<Option<Tensor>, VggError> {
+        let deepest = grads.iter().filter_map(|(l, _)| l.features_index()).max();
+        let mut grad: Option<Tensor> = None;
+        // The ReLU at this index was already folded into the backward step above it.
+        let mut folded = false;
+        for index in (0..deepest.map_or(0, |d| d + 1)).rev() {
+            if std::mem::replace(&mut folded, false) {
+                continue;
+            }
+            if let Some(t) = grad_at(grads, index)? {
+                grad = Some(match grad {
+                    Some(acc) => (acc + t)?,
+                    None => t,
+                });
+            }
+            let Some(g) = grad.take() else { continue };
+            grad = Some(match op(index) {
+                Op::Conv(k) if index > 0 && op(index - 1) == Op::Relu => {
+                    folded = true;
+                    let add = grad_at(grads, index - 1)?;
+                    let weight = &convs[k].weight;
+                    conv::input_grad_masked(
+                        &g,
+                        weight,
+                        add.as_ref(),
+                        kept.mask(index - 1)?,
+                        self.gradient_algo(k),
+                    )?
+                }
+                Op::Conv(k) => conv::input_grad(&g, &convs[k].weight, self.gradient_algo(k))?,
+                Op::Relu => relu_backward(&g, None, kept.mask(index)?)?,
+                Op::Pool => {
+                    // Every pool of VGG-19 follows a ReLU.
+                    folded = true;
+                    let add = grad_at(grads, index - 1)?;
+                    let record = kept
+                        .pools
+                        .get(&index)
+                        .ok_or_else(|| VggError::Internal(format!("the trace lacks the pool at {index}")))?;
+                    let routing = match &record.winners {
+                        Some(winners) => Routing::Max(winners),
+                        None => Routing::Avg,
+                    };
+                    pool::backward(&g, record.input_dims, routing, add.as_ref(), kept.mask(index - 1)?)?
+                }
+            });
+        }
+        Ok(grad)
+    }
+}
+
+/// One forward pass on the CPU backend.
+pub(crate) struct Steps<'a> {
+    layers: &'a CpuLayers,
+    convs: &'a [ConvWeights],
+    pooling: Pooling,
+    /// `None` when the pass keeps nothing for a backward pass.
+    kept: Option<Kept>,
+}
+
+impl<'a> Steps<'a> {
+    pub(crate) fn new(layers: &'a CpuLayers, convs: &'a [ConvWeights], pooling: Pooling, keep: bool) -> Self {
+        Self { layers, convs, pooling, kept: keep.then(Kept::default) }
+    }
+
+    /// What the pass kept (nothing, unless it was made to keep).
+    pub(crate) fn into_kept(self) -> Kept {
+        self.kept.unwrap_or_default()
+    }
+}
+
+impl ForwardSteps for Steps<'_> {
+    fn conv(&mut self, k: usize, x: &Tensor, relu: bool) -> Result<Tensor, VggError> {
+        let ConvWeights { weight, bias } = &self.convs[k];
+        let algo = self.layers.forward_algo(k);
+        if relu {
+            conv::forward_relu(x, weight, bias, algo)
+        } else {
+            conv::forward(x, weight, bias, algo)
+        }
+    }
+
+    fn relu_output(&mut self, index: usize, out: &Tensor) -> Result<(), VggError> {
+        if let Some(kept) = &mut self.kept {
+            kept.masks.insert(index, ReluMask::of(out)?);
+        }
+        Ok(())
+    }
+
+    fn pool(&mut self, index: usize, x: &Tensor) -> Result<Tensor, VggError> {
+        let input_dims = x.dims4()?;
+        let (pooled, winners) = match self.pooling {
+            Pooling::Max => {
+                let (pooled, winners) = pool::max_pool(x)?;
+                (pooled, Some(winners))
+            }
+            Pooling::Avg => (x.avg_pool2d(2)?, None),
+        };
+        if let Some(kept) = &mut self.kept {
+            kept.pools.insert(index, PoolRecord { input_dims, winners });
+        }
+        Ok(pooled)
+    }
+}
