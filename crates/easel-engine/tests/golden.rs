@@ -1,6 +1,7 @@
 //! easel against the golden values of an independent float64 PyTorch implementation
 //! (tests/data/golden.json, see tests/data/README.md): three cases of pooling and
-//! pre-processing, synthetic weights seed 0, the 128x96 test images.
+//! pre-processing, synthetic weights seed 0, the 128x96 test images; each case on both
+//! backends (easel's CPU kernels, and candle's ops as CUDA and Metal run them).
 
 mod support;
 
@@ -11,7 +12,7 @@ use easel_config::ConfigLayers;
 use easel_core::{LayerId, Objective};
 use easel_engine::image_io::to_tensor;
 use easel_engine::{load_image, StyleRun};
-use easel_vgg::{Pooling, Preprocess, Vgg19};
+use easel_vgg::{Backend, Pooling, Preprocess, Vgg19};
 use serde_json::Value;
 use support::{data, registry, weights};
 
@@ -40,24 +41,37 @@ struct Case {
     golden: &'static Value,
     pooling: Pooling,
     preprocess: Preprocess,
+    backend: Backend,
     name: String,
 }
 
+impl Case {
+    /// The model of this case up to `depth`, on its backend.
+    fn model(&self, depth: LayerId) -> Vgg19 {
+        Vgg19::load(weights(), depth, self.pooling, self.preprocess, &Device::Cpu)
+            .and_then(|vgg| vgg.with_backend(self.backend))
+            .expect("loads")
+    }
+}
+
+/// Every golden case on every backend.
 fn cases() -> Vec<Case> {
     let cases = golden()["cases"].as_array().expect("cases");
-    cases
-        .iter()
-        .map(|c| {
+    let mut all = Vec::new();
+    for backend in [Backend::Cpu, Backend::Generic] {
+        for c in cases {
             let pool = c["pool"].as_str().expect("pool");
             let pre = c["preprocess"].as_str().expect("preprocess");
-            Case {
+            all.push(Case {
                 golden: c,
                 pooling: if pool == "max" { Pooling::Max } else { Pooling::Avg },
                 preprocess: if pre == "caffe" { Preprocess::Caffe } else { Preprocess::Torchvision },
-                name: format!("{pool}/{pre}"),
-            }
-        })
-        .collect()
+                backend,
+                name: format!("{pool}/{pre} on {backend:?}"),
+            });
+        }
+    }
+    all
 }
 
 fn limits() -> easel_config::Limits {
@@ -100,8 +114,7 @@ weight = {}
         .expect("parses")
         .plan(&registry())
         .expect("valid plan");
-    let vgg =
-        Vgg19::load(weights(), LayerId::Relu5_1, case.pooling, case.preprocess, &Device::Cpu).expect("loads");
+    let vgg = case.model(LayerId::Relu5_1);
     let content = load_image(&data("content.png"), &limits()).expect("content.png");
     let style = load_image(&data("style.png"), &limits()).expect("style.png");
     StyleRun::new(plan, vgg, content, vec![(style, 1.0)]).expect("run prepares")
@@ -118,8 +131,7 @@ fn x0() -> Tensor {
 #[test]
 fn content_feature_statistics() {
     for case in cases() {
-        let vgg = Vgg19::load(weights(), LayerId::Pool5, case.pooling, case.preprocess, &Device::Cpu)
-            .expect("loads");
+        let vgg = case.model(LayerId::Pool5);
         let content = to_tensor(&load_image(&data("content.png"), &limits()).expect("content"), &Device::Cpu)
             .expect("t");
         let stats = case.golden["content_features"].as_object().expect("content_features");
@@ -171,8 +183,7 @@ fn each_loss_and_its_gradient_at_x0() {
 #[test]
 fn gram_per_layer_terms_at_x0() {
     for case in cases() {
-        let vgg = Vgg19::load(weights(), LayerId::Relu5_1, case.pooling, case.preprocess, &Device::Cpu)
-            .expect("loads");
+        let vgg = case.model(LayerId::Relu5_1);
         let style =
             to_tensor(&load_image(&data("style.png"), &limits()).expect("style"), &Device::Cpu).expect("t");
         let layers =
