@@ -11,6 +11,7 @@ mod loss;
 mod optimizer;
 mod options;
 mod registry;
+pub mod sums;
 
 pub use candle_core;
 pub use toml;

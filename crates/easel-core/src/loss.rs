@@ -14,9 +14,10 @@ pub type LayerGrads = Vec<(LayerId, Tensor)>;
 /// returned scalar must be built from the given feature tensors with candle operations so
 /// that the engine can differentiate it; the engine applies the configured weight.
 ///
-/// Features are f32; the returned scalar is f64, and sums over many elements should be taken
-/// in f64 (convert the differences before squaring): loss values and the Adam trajectory then
-/// match a float64 reference closely at little cost.
+/// Features are f32; the returned scalar is in [`crate::sums::sum_dtype`] of the device (f64
+/// on the CPU and CUDA, f32 on Metal, which has no f64), and sums over many elements should
+/// be taken in that type (convert the differences before squaring): loss values and the Adam
+/// trajectory then match a float64 reference closely at little cost.
 pub trait Loss: Send {
     /// The layers this loss reads, `LayerId::Pixels` for the image itself.
     fn layers(&self) -> Vec<LayerId>;
@@ -24,7 +25,7 @@ pub trait Loss: Send {
     /// Builds the targets for the current scale from the reference features.
     fn prepare(&mut self, references: &References<'_>) -> Result<(), CoreError>;
 
-    /// The unweighted loss of `features` as a scalar (rank 0) f64 tensor.
+    /// The unweighted loss of `features` as a scalar (rank 0) tensor in the sum type.
     fn evaluate(&self, features: &FeatureMaps) -> Result<Tensor, CoreError>;
 
     /// The unweighted loss and its gradient w.r.t. each layer it reads, for losses that have

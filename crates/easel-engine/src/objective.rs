@@ -1,7 +1,8 @@
 //! The style-transfer objective: weighted losses on VGG-19 features, and its pixel gradient.
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 use easel_config::WeightedLoss;
+use easel_core::sums::{scalar_f64, sum_dtype, sum_of_squares};
 use easel_core::{CoreError, FeatureMaps, LayerId, Objective};
 use easel_vgg::Vgg19;
 
@@ -11,7 +12,7 @@ use crate::EngineError;
 pub struct StyleObjective<'a> {
     vgg: &'a Vgg19,
     losses: &'a [WeightedLoss],
-    taps: Vec<LayerId>,
+    layers: Vec<LayerId>,
     evaluations: usize,
 }
 
@@ -25,22 +26,22 @@ pub struct LossReport {
 }
 
 /// Every layer any of `losses` reads, in forward order.
-pub fn taps_of(losses: &[WeightedLoss]) -> Vec<LayerId> {
-    let mut taps: Vec<LayerId> = losses.iter().flat_map(|l| l.loss.layers()).collect();
-    taps.sort_unstable();
-    taps.dedup();
-    taps
+pub fn layers_of(losses: &[WeightedLoss]) -> Vec<LayerId> {
+    let mut layers: Vec<LayerId> = losses.iter().flat_map(|l| l.loss.layers()).collect();
+    layers.sort_unstable();
+    layers.dedup();
+    layers
 }
 
-/// The L2 norm of a tensor, accumulated in f64.
+/// The L2 norm of a tensor, accumulated in the device's sum type (f64 but on Metal).
 pub fn l2_norm(t: &Tensor) -> Result<f64, CoreError> {
-    Ok(t.to_dtype(candle_core::DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt())
+    Ok(sum_of_squares(t)?.sqrt())
 }
 
 impl<'a> StyleObjective<'a> {
     /// The objective of `losses` (already prepared for the current scale) on `vgg`.
     pub fn new(vgg: &'a Vgg19, losses: &'a [WeightedLoss]) -> Self {
-        Self { vgg, losses, taps: taps_of(losses), evaluations: 0 }
+        Self { vgg, losses, layers: layers_of(losses), evaluations: 0 }
     }
 
     /// Evaluations so far.
@@ -49,14 +50,14 @@ impl<'a> StyleObjective<'a> {
     }
 
     /// Value of `sum_i scale_i * loss_i` over the given features, and its gradient w.r.t.
-    /// each tap.
-    fn value_and_tap_grads(
+    /// each layer it reads.
+    fn value_and_layer_grads(
         &self,
         features: &FeatureMaps,
         terms: &[(&WeightedLoss, f64)],
     ) -> Result<(f64, Vec<(LayerId, Tensor)>), EngineError> {
         let mut value = 0.0;
-        let mut tap_grads: Vec<(LayerId, Tensor)> = Vec::new();
+        let mut layer_grads: Vec<(LayerId, Tensor)> = Vec::new();
         let mut autograd_terms = Vec::new();
         for &(loss, scale) in terms {
             match loss.loss.value_and_grad(features) {
@@ -64,14 +65,14 @@ impl<'a> StyleObjective<'a> {
                     let (v, grads) = result?;
                     value += scale * v;
                     for (layer, g) in grads {
-                        tap_grads.push((layer, (g * scale)?));
+                        layer_grads.push((layer, (g * scale)?));
                     }
                 }
                 None => autograd_terms.push((loss, scale)),
             }
         }
         if !autograd_terms.is_empty() {
-            // The taps these losses read become leaf variables so candle differentiates the
+            // The layers these losses read become leaf variables so candle differentiates the
             // losses only; the gradient then goes back through VGG-19 by the hand-written pass.
             let mut vars = Vec::new();
             let mut leaves = FeatureMaps::new();
@@ -81,29 +82,29 @@ impl<'a> StyleObjective<'a> {
                 leaves.insert(layer, var.as_tensor().clone());
                 vars.push((layer, var));
             }
-            let mut total = Tensor::zeros((), DType::F64, self.vgg.device())?;
+            let mut total = Tensor::zeros((), sum_dtype(self.vgg.device()), self.vgg.device())?;
             for (loss, scale) in autograd_terms {
                 total = (total + (loss.loss.evaluate(&leaves)? * scale)?)?;
             }
             let grads = total.backward()?;
-            value += total.to_scalar::<f64>()?;
+            value += scalar_f64(&total)?;
             for (layer, var) in &vars {
                 if let Some(g) = grads.get(var.as_tensor()) {
-                    tap_grads.push((*layer, g.clone()));
+                    layer_grads.push((*layer, g.clone()));
                 }
             }
         }
-        Ok((value, tap_grads))
+        Ok((value, layer_grads))
     }
 
     /// Each loss's unweighted value and gradient norm at `x`, one forward pass for all.
     pub fn report(&mut self, x: &Tensor) -> Result<Vec<LossReport>, EngineError> {
-        let (features, trace) = self.vgg.forward_traced(x, &self.taps)?;
+        let (features, trace) = self.vgg.forward_traced(x, &self.layers)?;
         self.losses
             .iter()
             .map(|loss| {
-                let (value, tap_grads) = self.value_and_tap_grads(&features, &[(loss, 1.0)])?;
-                let grad = self.vgg.backward(&trace, &tap_grads)?;
+                let (value, layer_grads) = self.value_and_layer_grads(&features, &[(loss, 1.0)])?;
+                let grad = self.vgg.backward(&trace, &layer_grads)?;
                 Ok(LossReport { kind: loss.kind, weight: loss.weight, value, grad_l2: l2_norm(&grad)? })
             })
             .collect()
@@ -112,13 +113,13 @@ impl<'a> StyleObjective<'a> {
     /// The weighted total and its pixel gradient at `x`.
     pub fn total(&mut self, x: &Tensor) -> Result<(f64, Tensor), EngineError> {
         self.evaluations += 1;
-        let (features, trace) = self.vgg.forward_traced(x, &self.taps)?;
+        let (features, trace) = self.vgg.forward_traced(x, &self.layers)?;
         let terms: Vec<(&WeightedLoss, f64)> = self.losses.iter().map(|l| (l, l.weight)).collect();
-        let (value, tap_grads) = self.value_and_tap_grads(&features, &terms)?;
-        // The backward pass needs only the trace: freeing the taps first lowers the peak
-        // memory (by ~50 MB at 512 px) on the CPU, where the trace keeps none of them.
+        let (value, layer_grads) = self.value_and_layer_grads(&features, &terms)?;
+        // The backward pass needs only the trace: freeing the features first lowers the peak
+        // memory on the CPU, where the trace keeps none of them.
         drop(features);
-        Ok((value, self.vgg.backward(&trace, &tap_grads)?))
+        Ok((value, self.vgg.backward(&trace, &layer_grads)?))
     }
 }
 

@@ -7,7 +7,7 @@ use easel_vgg::Vgg19;
 
 use crate::checkpoint::Checkpoint;
 use crate::image_io::{self, from_tensor, resize_exact, resize_longest, to_tensor, RgbImage};
-use crate::objective::{taps_of, StyleObjective};
+use crate::objective::{layers_of, StyleObjective};
 use crate::EngineError;
 
 /// Where a run stands after an iteration.
@@ -181,12 +181,12 @@ impl StyleRun {
         let content = self.content_at(scale);
         let (w, h) = content.dimensions();
         let style_side = ((self.sizes[scale] as f64 * self.plan.run.style_scale).round() as u32).max(1);
-        let taps = taps_of(&self.plan.losses);
-        let content_features = self.vgg.forward(&to_tensor(&content, &device)?, &taps)?;
+        let layers = layers_of(&self.plan.losses);
+        let content_features = self.vgg.forward(&to_tensor(&content, &device)?, &layers)?;
         let mut style_refs = Vec::with_capacity(self.styles.len());
         for (image, weight) in &self.styles {
             let resized = resize_longest(image, style_side);
-            let features = self.vgg.forward(&to_tensor(&resized, &device)?, &taps)?;
+            let features = self.vgg.forward(&to_tensor(&resized, &device)?, &layers)?;
             style_refs.push(StyleReference { features, weight: *weight });
         }
         let references = References { content: &content_features, styles: &style_refs };

@@ -4,6 +4,7 @@
 mod cpu;
 mod generic;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use candle_core::Tensor;
@@ -23,6 +24,12 @@ pub enum Backend {
     /// candle's tensor ops, on any device: CUDA and Metal use it, and on the CPU it is an
     /// independent path to check the other against.
     Generic,
+}
+
+/// What a trace kept at `index`, or an error naming what is missing (a trace always keeps
+/// what its backward pass reads: this is a broken invariant, not a user error).
+fn kept_at<'a, T>(kept: &'a BTreeMap<usize, T>, index: usize, what: &str) -> Result<&'a T, VggError> {
+    kept.get(&index).ok_or_else(|| VggError::Internal(format!("the trace lacks the {what} at {index}")))
 }
 
 /// A backend with what it keeps between passes.

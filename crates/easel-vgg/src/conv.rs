@@ -81,27 +81,30 @@ pub(crate) enum Algo<'a> {
     Winograd(Option<(&'a KernelCache, usize)>),
 }
 
-/// `conv3x3(x, w) + b` with padding 1, stride 1, on the CPU kernels as `algo` says; `bias` is
-/// `[1, C_out, 1, 1]`.
+/// What a forward convolution's output goes through before it is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Activation {
+    /// Nothing: the pre-activation is wanted itself.
+    Identity,
+    /// The ReLU that follows every convolution of VGG-19, in the same pass over the output.
+    Relu,
+}
+
+/// `conv3x3(x, w) + b` with padding 1, stride 1, then `activation`, on the CPU kernels as
+/// `algo` says; `bias` is `[1, C_out, 1, 1]`.
 pub(crate) fn forward(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
+    activation: Activation,
     algo: Algo<'_>,
 ) -> Result<Tensor, VggError> {
     let bias = host_slice(bias)?;
-    run(x, weight, Direction::Forward, Epilogue::Bias(bias.get()), algo)
-}
-
-/// `relu(conv3x3(x, w) + b)`: [`forward`] and the ReLU in one pass over the output.
-pub(crate) fn forward_relu(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    algo: Algo<'_>,
-) -> Result<Tensor, VggError> {
-    let bias = host_slice(bias)?;
-    run(x, weight, Direction::Forward, Epilogue::BiasRelu(bias.get()), algo)
+    let epilogue = match activation {
+        Activation::Identity => Epilogue::Bias(bias.get()),
+        Activation::Relu => Epilogue::BiasRelu(bias.get()),
+    };
+    run(x, weight, Direction::Forward, epilogue, algo)
 }
 
 /// Gradient w.r.t. the input of [`forward`], given the gradient of its output.
@@ -134,7 +137,7 @@ pub(crate) fn input_grad_masked(
     let add = add.as_ref().map(host_slice).transpose()?;
     let add = add.as_ref().map(HostSlice::get);
     if add.is_some_and(|a| a.len() != n) {
-        return Err(VggError::Internal("a tap gradient and its ReLU's gradient differ in size".into()));
+        return Err(VggError::Internal("a layer's gradient and its ReLU's gradient differ in size".into()));
     }
     let mask = mask.covering(n, "the input gradient")?;
     run(grad_out, weight, Direction::InputGradient, Epilogue::ReluBackward { add, mask }, algo)
@@ -266,12 +269,12 @@ mod tests {
             let k =
                 (random((c_out, c_in, 3, 3), 100 + i as u64) * (1.0 / (9.0 * c_in as f64).sqrt())).unwrap();
             let b = random((1, c_out, 1, 1), 200 + i as u64);
-            let fast = forward(&x, &k, &b, algo(winograd)).unwrap();
+            let fast = forward(&x, &k, &b, Activation::Identity, algo(winograd)).unwrap();
             let slow = generic::forward(&x, &k, &b).unwrap();
             assert_eq!(fast.dims(), slow.dims());
             let err = rel_err(&fast, &slow);
             assert!(err < tol, "winograd {winograd} {c_in}->{c_out} at {h}x{w}: relative error {err}");
-            let fused = forward_relu(&x, &k, &b, algo(winograd)).unwrap();
+            let fused = forward(&x, &k, &b, Activation::Relu, algo(winograd)).unwrap();
             let err = rel_err(&fused, &slow.relu().unwrap());
             assert!(
                 err < tol,
@@ -320,13 +323,17 @@ mod tests {
         let x = random((2, 8, 6, 5), 7);
         let k = random((4, 8, 3, 3), 8);
         let b = random((1, 4, 1, 1), 9);
-        let err =
-            rel_err(&forward(&x, &k, &b, Algo::Direct).unwrap(), &generic::forward(&x, &k, &b).unwrap());
+        let err = rel_err(
+            &forward(&x, &k, &b, Activation::Identity, Algo::Direct).unwrap(),
+            &generic::forward(&x, &k, &b).unwrap(),
+        );
         assert!(err < 1e-5, "batch of 2: {err}");
         // A transposed (non-contiguous) input is made contiguous first.
         let xt = random((1, 8, 5, 6), 10).transpose(2, 3).unwrap();
-        let err =
-            rel_err(&forward(&xt, &k, &b, Algo::Direct).unwrap(), &generic::forward(&xt, &k, &b).unwrap());
+        let err = rel_err(
+            &forward(&xt, &k, &b, Activation::Identity, Algo::Direct).unwrap(),
+            &generic::forward(&xt, &k, &b).unwrap(),
+        );
         assert!(err < 1e-5, "transposed input: {err}");
     }
 }
@@ -358,7 +365,7 @@ mod accuracy {
             let b = Tensor::zeros((1, c_out, 1, 1), DType::F32, &Device::Cpu).unwrap();
             let exact =
                 x.to_dtype(DType::F64).unwrap().conv2d(&k.to_dtype(DType::F64).unwrap(), 1, 1, 1, 1).unwrap();
-            let ours = distance(&forward(&x, &k, &b, Algo::Direct).unwrap(), &exact);
+            let ours = distance(&forward(&x, &k, &b, Activation::Identity, Algo::Direct).unwrap(), &exact);
             let candle = distance(&generic::forward(&x, &k, &b).unwrap(), &exact);
             assert!(ours <= candle * 1.05, "{c_in}->{c_out}: fast {ours:.3e} vs candle {candle:.3e}");
         }

@@ -191,7 +191,7 @@ mod tests {
         assert_eq!(values(&pooled), [1.0, 2.0]);
         assert_eq!(winners, [0, 1]);
         // The gradient goes to the winners only, and through the ReLU mask of x (all > 0
-        // but the 0.0), plus the tap gradient `add` everywhere the mask is open.
+        // but the 0.0), plus the layer's own gradient `add` everywhere the mask is open.
         let mask = ReluMask::of(&x).unwrap();
         let grad = tensor(&[10.0, 20.0], (1, 1, 1, 2));
         let add = tensor(&[1.0; 15], (1, 1, 3, 5));

@@ -1,7 +1,7 @@
 //! The ReLU's backward pass on the CPU: which outputs were positive, kept as one bit each.
 //!
 //! A mask takes 1/32 of the memory of the ReLU output it stands for, so the trace of a
-//! forward pass holds no full-size activations, not even the taps' (the caller may drop those
+//! forward pass holds no full-size activations, not even the requested layers' (the caller may drop those
 //! before the backward pass: at 512 px they are ~100 MB).
 
 use candle_core::{Device, Tensor};
@@ -146,7 +146,7 @@ pub(crate) fn relu_backward(
     let add = add.as_ref().map(host_slice).transpose()?;
     let add = add.as_ref().map(HostSlice::get);
     if add.is_some_and(|a| a.len() != g.get().len()) {
-        return Err(VggError::Internal("a tap gradient and its ReLU's gradient differ in size".into()));
+        return Err(VggError::Internal("a layer's gradient and its ReLU's gradient differ in size".into()));
     }
     let bits = mask.covering(g.get().len(), "its gradient")?;
     let mut out = g.get().to_vec();

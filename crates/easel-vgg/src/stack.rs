@@ -4,6 +4,7 @@
 use candle_core::Tensor;
 use easel_core::{FeatureMaps, LayerId};
 
+use crate::conv::Activation;
 use crate::cpu_tensor::contiguous_f32;
 use crate::{VggError, CONVS, POOLS};
 
@@ -37,9 +38,8 @@ pub(crate) struct ConvWeights {
 /// What a backend does at each step of the forward pass, recording what its backward pass
 /// will need; [`forward`] walks the chain and calls it.
 pub(crate) trait ForwardSteps {
-    /// Convolution `k` (its ordinal in [`CONVS`]) of `x`, and the ReLU after it too when
-    /// `relu`.
-    fn conv(&mut self, k: usize, x: &Tensor, relu: bool) -> Result<Tensor, VggError>;
+    /// Convolution `k` (its ordinal in [`CONVS`]) of `x`, then `activation`.
+    fn conv(&mut self, k: usize, x: &Tensor, activation: Activation) -> Result<Tensor, VggError>;
 
     /// Takes note of the output `out` of the ReLU at `index`.
     fn relu_output(&mut self, index: usize, out: &Tensor) -> Result<(), VggError>;
@@ -68,7 +68,7 @@ pub(crate) fn forward(
         x = match op(index) {
             Op::Conv(k) => {
                 rectified = index < last && op(index + 1) == Op::Relu && is_wanted(index).is_none();
-                steps.conv(k, &x, rectified)?
+                steps.conv(k, &x, if rectified { Activation::Relu } else { Activation::Identity })?
             }
             Op::Relu if fused => x,
             Op::Relu => x.relu()?,
@@ -88,13 +88,29 @@ pub(crate) fn forward(
 pub(crate) fn grad_at(grads: &[(LayerId, Tensor)], index: usize) -> Result<Option<Tensor>, VggError> {
     let mut sum: Option<Tensor> = None;
     for (_, g) in grads.iter().filter(|(l, _)| l.features_index() == Some(index)) {
-        let g = contiguous_f32(g)?;
-        sum = Some(match sum {
-            Some(acc) => (acc + g)?,
-            None => g,
-        });
+        sum = add(sum, contiguous_f32(g)?)?;
     }
     Ok(sum)
+}
+
+/// `grad` (the gradient flowing back into index `index`'s output) plus what `grads` gives
+/// that output directly: what a backward pass carries on from there, if anything.
+pub(crate) fn with_grads_at(
+    grad: Option<Tensor>,
+    grads: &[(LayerId, Tensor)],
+    index: usize,
+) -> Result<Option<Tensor>, VggError> {
+    match grad_at(grads, index)? {
+        Some(g) => add(grad, g),
+        None => Ok(grad),
+    }
+}
+
+fn add(sum: Option<Tensor>, g: Tensor) -> Result<Option<Tensor>, VggError> {
+    Ok(Some(match sum {
+        Some(acc) => (acc + g)?,
+        None => g,
+    }))
 }
 
 #[cfg(test)]

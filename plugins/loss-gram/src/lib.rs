@@ -1,6 +1,7 @@
 //! Style loss (Gatys et al. 2015): distance between Gram matrices of features, over several layers.
 
-use easel_core::candle_core::{DType, Tensor};
+use easel_core::candle_core::Tensor;
+use easel_core::sums::{scalar_f64, sum_dtype};
 use easel_core::{
     CoreError, FeatureMaps, LayerGrads, LayerId, Loss, LossFactory, OptionSpec, Options, References,
 };
@@ -64,24 +65,26 @@ pub fn gram_matrix(features: &Tensor) -> Result<Tensor, CoreError> {
     Ok((f.matmul(&f.t()?)? / (h * w) as f64)?)
 }
 
-/// Most columns of `F` one f32 product in [`gram_matrix_f64`] sums over.
+/// Most columns of `F` one f32 product in [`gram_matrix_wide`] sums over.
 const GRAM_PART: usize = 16384;
 
-/// `F F^T / M`, in f64: f32 products over parts of at most [`GRAM_PART`] of the `M`
-/// columns, one part per task on the rayon pool, summed in f64.
+/// `F F^T / M` in the device's sum type (f64, or f32 on Metal: see
+/// [`easel_core::sums`]): f32 products over parts of at most [`GRAM_PART`] of the `M`
+/// columns, one part per task on the rayon pool, summed in that type.
 ///
 /// The loss compares `G` with a target `A` it approaches during the optimisation, so the
 /// rounding of `G` must stay well below `G - A`. The features follow a ReLU, so each entry
 /// is a sum of non-negative products with no cancellation, and `gemm` sums in f32 registers
 /// over blocks of the columns: on VGG-sized random features the result is within 1e-6 of an
 /// f64 product, relative to the largest entry (and the tests' sums within 1.4e-6 of exact,
-/// on x86-64 and aarch64). (An f64 product throughout took twice as
-/// long.) Splitting the columns across the cores is what makes it fast: with `N` as small
+/// on x86-64 and aarch64), at about half the cost of an f64 product throughout. Splitting
+/// the columns across the cores is what makes it fast: with `N` as small
 /// as 64, `gemm` alone splits only the `N x N` result and barely uses the second core.
-pub fn gram_matrix_f64(features: &Tensor) -> Result<Tensor, CoreError> {
+pub fn gram_matrix_wide(features: &Tensor) -> Result<Tensor, CoreError> {
     let (_, n, h, w) = features.dims4()?;
     let m = h * w;
     let f = features.reshape((n, m))?;
+    let sum = sum_dtype(features.device());
     let threads = rayon::current_num_threads().max(1);
     let parts = m.div_ceil(GRAM_PART).div_ceil(threads).max(1) * threads;
     let len = m.div_ceil(parts).max(1);
@@ -90,10 +93,10 @@ pub fn gram_matrix_f64(features: &Tensor) -> Result<Tensor, CoreError> {
         .into_par_iter()
         .map(|start| {
             let part = f.narrow(1, start, len.min(m - start))?;
-            part.matmul(&part.t()?)?.to_dtype(DType::F64)
+            part.matmul(&part.t()?)?.to_dtype(sum)
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let mut g = Tensor::zeros((n, n), DType::F64, features.device())?;
+    let mut g = Tensor::zeros((n, n), sum, features.device())?;
     for p in &partials {
         g = (g + p)?;
     }
@@ -113,14 +116,14 @@ impl GramLoss {
         Self { layers, layer_weights, targets: Vec::new() }
     }
 
-    /// The unweighted `E_l` of each layer (f64 scalars), for reports.
+    /// The unweighted `E_l` of each layer (scalars in the sum type), for reports.
     pub fn per_layer(&self, features: &FeatureMaps) -> Result<Vec<(LayerId, Tensor)>, CoreError> {
         self.check_prepared()?;
         self.layers
             .iter()
             .zip(&self.targets)
             .map(|(&layer, target)| {
-                let g = gram_matrix_f64(features.get(layer)?)?;
+                let g = gram_matrix_wide(features.get(layer)?)?;
                 let n = g.dim(0)? as f64;
                 Ok((layer, ((g - target)?.sqr()?.sum_all()? / (4.0 * n * n))?))
             })
@@ -150,7 +153,7 @@ impl Loss for GramLoss {
         for &layer in &self.layers {
             let mut blend: Option<Tensor> = None;
             for style in references.styles {
-                let g = (gram_matrix_f64(style.features.get(layer)?)? * (style.weight / total_weight))?;
+                let g = (gram_matrix_wide(style.features.get(layer)?)? * (style.weight / total_weight))?;
                 blend = Some(match blend {
                     Some(b) => (b + g)?,
                     None => g,
@@ -164,16 +167,17 @@ impl Loss for GramLoss {
 
     fn evaluate(&self, features: &FeatureMaps) -> Result<Tensor, CoreError> {
         self.check_prepared()?;
-        let mut total = Tensor::zeros((), DType::F64, self.targets[0].device())?;
+        let sum = sum_dtype(self.targets[0].device());
+        let mut total = Tensor::zeros((), sum, self.targets[0].device())?;
         for ((&layer, target), &w) in self.layers.iter().zip(&self.targets).zip(&self.layer_weights) {
-            let g = gram_matrix(features.get(layer)?)?.to_dtype(DType::F64)?;
+            let g = gram_matrix(features.get(layer)?)?.to_dtype(sum)?;
             let n = g.dim(0)? as f64;
             total = (total + ((g - target)?.sqr()?.sum_all()? * (w / (4.0 * n * n)))?)?;
         }
         Ok(total)
     }
 
-    /// `dE_l/dF = (G - A) F / (N^2 M)`, with `G - A` formed in f64.
+    /// `dE_l/dF = (G - A) F / (N^2 M)`, with `G - A` formed in the sum type.
     fn value_and_grad(&self, features: &FeatureMaps) -> Option<Result<(f64, LayerGrads), CoreError>> {
         let run = || {
             self.check_prepared()?;
@@ -182,9 +186,9 @@ impl Loss for GramLoss {
             for ((&layer, target), &w) in self.layers.iter().zip(&self.targets).zip(&self.layer_weights) {
                 let f = features.get(layer)?;
                 let (_, n, h, wd) = f.dims4()?;
-                let diff = (gram_matrix_f64(f)? - target)?;
+                let diff = (gram_matrix_wide(f)? - target)?;
                 let n2 = (n * n) as f64;
-                value += w * diff.sqr()?.sum_all()?.to_scalar::<f64>()? / (4.0 * n2);
+                value += w * scalar_f64(&diff.sqr()?.sum_all()?)? / (4.0 * n2);
                 let scale = w / (n2 * (h * wd) as f64);
                 // The scale goes into the small N x N factor, not over the N x M product.
                 let grad = (diff * scale)?.to_dtype(f.dtype())?.matmul(&f.reshape((n, h * wd))?)?;
@@ -260,7 +264,7 @@ mod tests {
         let (n, h, w) = (3, 47, 829);
         let m = h * w;
         let values: Vec<f32> = pattern(n * m, 7).iter().map(|v| v.abs()).collect();
-        let g = gram_matrix_f64(&Tensor::from_slice(&values, (1, n, h, w), &Device::Cpu)?)?;
+        let g = gram_matrix_wide(&Tensor::from_slice(&values, (1, n, h, w), &Device::Cpu)?)?;
         let g: Vec<Vec<f64>> = g.to_vec2()?;
         for a in 0..n {
             for b in 0..n {

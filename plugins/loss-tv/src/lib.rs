@@ -1,6 +1,7 @@
 //! Total-variation loss: squared differences of neighbouring pixels, for smoother results.
 
-use easel_core::candle_core::{DType, Tensor};
+use easel_core::candle_core::Tensor;
+use easel_core::sums::{scalar_f64, sum_dtype};
 use easel_core::{
     CoreError, FeatureMaps, LayerGrads, LayerId, Loss, LossFactory, OptionSpec, Options, References,
 };
@@ -41,51 +42,77 @@ impl Loss for TvLoss {
     fn evaluate(&self, features: &FeatureMaps) -> Result<Tensor, CoreError> {
         let p = features.get(LayerId::Pixels)?;
         let (_, _, h, w) = p.dims4()?;
-        let mut total = Tensor::zeros((), DType::F64, p.device())?;
+        let sum = sum_dtype(p.device());
+        let mut total = Tensor::zeros((), sum, p.device())?;
         if h > 1 {
             let dy = (p.narrow(2, 1, h - 1)? - p.narrow(2, 0, h - 1)?)?;
-            total = (total + dy.to_dtype(DType::F64)?.sqr()?.sum_all()?)?;
+            total = (total + dy.to_dtype(sum)?.sqr()?.sum_all()?)?;
         }
         if w > 1 {
             let dx = (p.narrow(3, 1, w - 1)? - p.narrow(3, 0, w - 1)?)?;
-            total = (total + dx.to_dtype(DType::F64)?.sqr()?.sum_all()?)?;
+            total = (total + dx.to_dtype(sum)?.sqr()?.sum_all()?)?;
         }
         Ok(total)
     }
 
     /// Each difference `d = p[i+1] - p[i]` adds `2d` to the gradient at `i+1` and `-2d` at
-    /// `i`. A plain loop over the pixels: candle would walk strided views element by element.
+    /// `i`.
     fn value_and_grad(&self, features: &FeatureMaps) -> Option<Result<(f64, LayerGrads), CoreError>> {
         let run = || {
             let p = features.get(LayerId::Pixels)?;
-            let (_, _, h, w) = p.dims4()?;
-            let values = p.flatten_all()?.to_vec1::<f32>()?;
-            let mut grad = vec![0f32; values.len()];
-            let mut value = 0.0;
-            let mut term = |grad: &mut [f32], i: usize, j: usize| {
-                let d = values[j] - values[i];
-                value += f64::from(d) * f64::from(d);
-                grad[j] += 2.0 * d;
-                grad[i] -= 2.0 * d;
-            };
-            for plane in (0..values.len()).step_by((h * w).max(1)) {
-                for y in 0..h {
-                    for x in 0..w {
-                        let i = plane + y * w + x;
-                        if y + 1 < h {
-                            term(&mut grad, i, i + w);
-                        }
-                        if x + 1 < w {
-                            term(&mut grad, i, i + 1);
-                        }
-                    }
-                }
-            }
-            let grad = Tensor::from_vec(grad, p.shape(), p.device())?;
+            let (value, grad) = if p.device().is_cpu() { on_host(p)? } else { on_device(p)? };
             Ok((value, vec![(LayerId::Pixels, grad)]))
         };
         Some(run())
     }
+}
+
+/// [`TvLoss`]'s value and gradient by a plain loop over the pixels in CPU memory: candle would
+/// walk strided views element by element.
+fn on_host(p: &Tensor) -> Result<(f64, Tensor), CoreError> {
+    let (_, _, h, w) = p.dims4()?;
+    let values = p.flatten_all()?.to_vec1::<f32>()?;
+    let mut grad = vec![0f32; values.len()];
+    let mut value = 0.0;
+    let mut term = |grad: &mut [f32], i: usize, j: usize| {
+        let d = values[j] - values[i];
+        value += f64::from(d) * f64::from(d);
+        grad[j] += 2.0 * d;
+        grad[i] -= 2.0 * d;
+    };
+    for plane in (0..values.len()).step_by((h * w).max(1)) {
+        for y in 0..h {
+            for x in 0..w {
+                let i = plane + y * w + x;
+                if y + 1 < h {
+                    term(&mut grad, i, i + w);
+                }
+                if x + 1 < w {
+                    term(&mut grad, i, i + 1);
+                }
+            }
+        }
+    }
+    Ok((value, Tensor::from_vec(grad, p.shape(), p.device())?))
+}
+
+/// [`TvLoss`]'s value and gradient with tensor ops on the image's own device (a GPU), so
+/// that the image never leaves it: each difference along an axis, padded back to the image's
+/// size once on each side, gives its `+2d` and `-2d`.
+fn on_device(p: &Tensor) -> Result<(f64, Tensor), CoreError> {
+    let (_, _, h, w) = p.dims4()?;
+    let sum = sum_dtype(p.device());
+    let mut value = Tensor::zeros((), sum, p.device())?;
+    let mut grad = p.zeros_like()?;
+    for (axis, len) in [(2, h), (3, w)] {
+        if len > 1 {
+            let d = (p.narrow(axis, 1, len - 1)? - p.narrow(axis, 0, len - 1)?)?;
+            value = (value + d.to_dtype(sum)?.sqr()?.sum_all()?)?;
+            let twice = (d * 2.0)?;
+            grad = ((grad + twice.pad_with_zeros(axis, 1, 0)?)? - twice.pad_with_zeros(axis, 0, 1)?)?;
+        }
+    }
+    Ok((scalar_f64(&value)?, grad))
 }
 
 #[cfg(test)]
@@ -145,6 +172,22 @@ mod tests {
                 "entry {i}: fd {fd} vs {}",
                 grad[i]
             );
+        }
+        Ok(())
+    }
+
+    /// The tensor-op path of GPUs gives the CPU loop's value and gradient.
+    #[test]
+    fn device_path_matches_the_host_loop() -> Result<(), CoreError> {
+        let x: Vec<f32> = (0..3 * 5 * 7).map(|i| ((i * 5) % 11) as f32 * 0.09 - 0.3).collect();
+        let p = Tensor::from_slice(&x, (1, 3, 5, 7), &Device::Cpu)?;
+        let (v_host, g_host) = on_host(&p)?;
+        let (v_ops, g_ops) = on_device(&p)?;
+        assert!((v_host - v_ops).abs() <= 1e-12 * v_host, "{v_host} vs {v_ops}");
+        let (g_host, g_ops): (Vec<f32>, Vec<f32>) =
+            (g_host.flatten_all()?.to_vec1()?, g_ops.flatten_all()?.to_vec1()?);
+        for (i, (a, b)) in g_host.iter().zip(&g_ops).enumerate() {
+            assert!((a - b).abs() <= 1e-6, "entry {i}: {a} vs {b}");
         }
         Ok(())
     }

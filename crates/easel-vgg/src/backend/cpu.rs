@@ -1,6 +1,6 @@
 //! The CPU backend: easel's convolution kernels, ReLU masks as bits, max-pooling winners as
 //! bytes, and a backward pass in which each step writes its result once, with the ReLU
-//! below it (and that ReLU's own tap gradient) folded in.
+//! below it (and the gradient of that ReLU's own output, if requested) folded in.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -8,10 +8,11 @@ use std::sync::Arc;
 use candle_core::Tensor;
 use easel_core::LayerId;
 
-use crate::conv::{self, Algo, KernelCache, Winograd};
+use super::kept_at;
+use crate::conv::{self, Activation, Algo, KernelCache, Winograd};
 use crate::pool::{self, Pooling, Routing};
 use crate::relu_mask::{relu_backward, ReluMask};
-use crate::stack::{grad_at, op, ConvWeights, ForwardSteps, Op};
+use crate::stack::{grad_at, op, with_grads_at, ConvWeights, ForwardSteps, Op};
 use crate::VggError;
 
 /// The CPU backend's settings and its cache of transformed Winograd kernels.
@@ -39,9 +40,7 @@ pub(crate) struct Kept {
 
 impl Kept {
     fn mask(&self, index: usize) -> Result<&ReluMask, VggError> {
-        self.masks
-            .get(&index)
-            .ok_or_else(|| VggError::Internal(format!("the trace lacks the ReLU at {index}")))
+        kept_at(&self.masks, index, "ReLU")
     }
 }
 
@@ -79,13 +78,7 @@ impl CpuLayers {
             if std::mem::replace(&mut folded, false) {
                 continue;
             }
-            if let Some(t) = grad_at(grads, index)? {
-                grad = Some(match grad {
-                    Some(acc) => (acc + t)?,
-                    None => t,
-                });
-            }
-            let Some(g) = grad.take() else { continue };
+            let Some(g) = with_grads_at(grad.take(), grads, index)? else { continue };
             grad = Some(match op(index) {
                 Op::Conv(k) if index > 0 && op(index - 1) == Op::Relu => {
                     folded = true;
@@ -105,10 +98,7 @@ impl CpuLayers {
                     // Every pool of VGG-19 follows a ReLU.
                     folded = true;
                     let add = grad_at(grads, index - 1)?;
-                    let record = kept
-                        .pools
-                        .get(&index)
-                        .ok_or_else(|| VggError::Internal(format!("the trace lacks the pool at {index}")))?;
+                    let record = kept_at(&kept.pools, index, "pool")?;
                     let routing = match &record.winners {
                         Some(winners) => Routing::Max(winners),
                         None => Routing::Avg,
@@ -142,14 +132,9 @@ impl<'a> Steps<'a> {
 }
 
 impl ForwardSteps for Steps<'_> {
-    fn conv(&mut self, k: usize, x: &Tensor, relu: bool) -> Result<Tensor, VggError> {
+    fn conv(&mut self, k: usize, x: &Tensor, activation: Activation) -> Result<Tensor, VggError> {
         let ConvWeights { weight, bias } = &self.convs[k];
-        let algo = self.layers.forward_algo(k);
-        if relu {
-            conv::forward_relu(x, weight, bias, algo)
-        } else {
-            conv::forward(x, weight, bias, algo)
-        }
+        conv::forward(x, weight, bias, activation, self.layers.forward_algo(k))
     }
 
     fn relu_output(&mut self, index: usize, out: &Tensor) -> Result<(), VggError> {

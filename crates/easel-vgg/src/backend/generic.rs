@@ -7,9 +7,10 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Tensor};
 use easel_core::LayerId;
 
-use crate::conv;
+use super::kept_at;
+use crate::conv::{self, Activation};
 use crate::pool::{self, Pooling};
-use crate::stack::{grad_at, op, ConvWeights, ForwardSteps, Op};
+use crate::stack::{op, with_grads_at, ConvWeights, ForwardSteps, Op};
 use crate::VggError;
 
 /// The generic backend's kernels of the input gradients, flipped once.
@@ -27,9 +28,7 @@ pub(crate) struct Kept {
 
 impl Kept {
     fn relu_output(&self, index: usize) -> Result<&Tensor, VggError> {
-        self.relu_outputs
-            .get(&index)
-            .ok_or_else(|| VggError::Internal(format!("the trace lacks the ReLU at {index}")))
+        kept_at(&self.relu_outputs, index, "ReLU")
     }
 }
 
@@ -49,13 +48,7 @@ impl GenericLayers {
         let deepest = grads.iter().filter_map(|(l, _)| l.features_index()).max();
         let mut grad: Option<Tensor> = None;
         for index in (0..deepest.map_or(0, |d| d + 1)).rev() {
-            if let Some(t) = grad_at(grads, index)? {
-                grad = Some(match grad {
-                    Some(acc) => (acc + t)?,
-                    None => t,
-                });
-            }
-            let Some(g) = grad.take() else { continue };
+            let Some(g) = with_grads_at(grad.take(), grads, index)? else { continue };
             grad = Some(match op(index) {
                 Op::Conv(k) => conv::generic::input_grad(&g, &self.flipped[k])?,
                 Op::Relu => (g * kept.relu_output(index)?.gt(0f32)?.to_dtype(DType::F32)?)?,
@@ -93,10 +86,13 @@ impl<'a> Steps<'a> {
 }
 
 impl ForwardSteps for Steps<'_> {
-    fn conv(&mut self, k: usize, x: &Tensor, relu: bool) -> Result<Tensor, VggError> {
+    fn conv(&mut self, k: usize, x: &Tensor, activation: Activation) -> Result<Tensor, VggError> {
         let ConvWeights { weight, bias } = &self.convs[k];
         let y = conv::generic::forward(x, weight, bias)?;
-        Ok(if relu { y.relu()? } else { y })
+        Ok(match activation {
+            Activation::Identity => y,
+            Activation::Relu => y.relu()?,
+        })
     }
 
     fn relu_output(&mut self, index: usize, out: &Tensor) -> Result<(), VggError> {

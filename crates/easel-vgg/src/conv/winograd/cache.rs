@@ -7,7 +7,7 @@ use super::transforms::{transform_kernel, Tile};
 use crate::conv::direct::{Conv3x3, Filter};
 
 /// Transformed kernels kept from one call to the next (the weights are frozen, and at 256 px
-/// transforming them took ~10% of an evaluation), at most `budget` bytes of them: the first
+/// transforming them is a sizeable share of an evaluation), at most `budget` bytes of them: the first
 /// that fit are kept, the others are transformed on every call as without a cache.
 pub(crate) struct KernelCache {
     budget: usize,
