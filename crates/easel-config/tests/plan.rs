@@ -1,21 +1,12 @@
 //! Validation of layered configurations: defaults, presets, and every kind of mistake.
 
 use easel_config::{ConfigError, ConfigLayers, Init};
-use easel_core::Registry;
+use easel_plugins::builtin;
 use easel_vgg::{Pooling, Winograd};
-
-fn registry() -> Registry {
-    Registry::new()
-        .with_loss(&easel_loss_content::ContentFactory)
-        .with_loss(&easel_loss_gram::GramFactory)
-        .with_loss(&easel_loss_tv::TvFactory)
-        .with_optimizer(&easel_optim_adam::AdamFactory)
-        .with_optimizer(&easel_optim_lbfgs::LbfgsFactory)
-}
 
 fn errors_of(text: &str) -> Vec<String> {
     let layers = ConfigLayers::defaults().with_text("job.toml", text).expect("test TOML parses");
-    match layers.plan(&registry()) {
+    match layers.plan(&builtin()) {
         Err(ConfigError::Invalid { errors, sources }) => {
             assert_eq!(sources, "defaults < job.toml");
             errors.iter().map(|e| e.to_string()).collect()
@@ -27,7 +18,7 @@ fn errors_of(text: &str) -> Vec<String> {
 
 #[test]
 fn defaults_are_the_papers_setup() {
-    let plan = ConfigLayers::defaults().plan(&registry()).expect("defaults are valid");
+    let plan = ConfigLayers::defaults().plan(&builtin()).expect("defaults are valid");
     assert_eq!(plan.run.size, 512);
     assert_eq!(plan.run.init, Init::Content);
     assert_eq!(plan.optimizer.kind, "lbfgs");
@@ -47,7 +38,7 @@ fn every_preset_in_configs_is_valid() {
         let path = entry.expect("readable entry").path();
         if path.extension().is_some_and(|e| e == "toml") {
             let layers = ConfigLayers::defaults().with_file(&path).expect("preset parses");
-            if let Err(e) = layers.plan(&registry()) {
+            if let Err(e) = layers.plan(&builtin()) {
                 panic!("{}: {e}", path.display());
             }
             checked += 1;
@@ -65,7 +56,7 @@ fn later_layers_override_earlier_ones() {
         )
         .and_then(|l| l.with_text("sidecar.toml", "[run]\nsize = 128"))
         .expect("parses");
-    let plan = layers.plan(&registry()).expect("valid");
+    let plan = layers.plan(&builtin()).expect("valid");
     assert_eq!((plan.run.size, plan.run.iterations), (128, 10));
     assert_eq!(plan.model.pooling, Pooling::Avg);
     assert_eq!(plan.model.winograd, Winograd::All);
@@ -127,7 +118,7 @@ fn unknown_optimizer_and_sections_are_named() {
     assert_eq!(errors.len(), 3, "{errors:#?}");
     assert!(errors
         .iter()
-        .any(|e| e.starts_with("optimizer.type: unknown optimizer \"sgdx\"; available: adam, lbfgs")));
+        .any(|e| e.starts_with("optimizer.type: unknown optimizer \"sgdx\"; available: lbfgs, adam, gd")));
     assert!(errors.iter().any(|e| e.starts_with("extra: unknown key")));
     assert!(errors.contains(&"style[0].path: missing: the style image's file".to_string()));
 }
@@ -144,18 +135,18 @@ fn changing_a_plugin_type_replaces_its_table() {
     let layers = ConfigLayers::defaults()
         .with_text("job.toml", "[optimizer]\ntype = \"adam\"\nlr = 0.1")
         .expect("parses");
-    let plan = layers.plan(&registry()).expect("lbfgs's `history` must not leak into adam");
+    let plan = layers.plan(&builtin()).expect("lbfgs's `history` must not leak into adam");
     assert_eq!(plan.optimizer.kind, "adam");
 }
 
 #[test]
 fn the_daemon_section_has_defaults_and_is_validated() {
-    let plan = ConfigLayers::defaults().plan(&registry()).expect("defaults are valid");
+    let plan = ConfigLayers::defaults().plan(&builtin()).expect("defaults are valid");
     assert_eq!(plan.daemon, easel_config::DaemonSettings::default());
     let layers = ConfigLayers::defaults()
         .with_text("daemon.toml", "[daemon]\nsettle_ms = 500\nworkers = 2\nkeep_originals = false")
         .unwrap();
-    let plan = layers.plan(&registry()).unwrap();
+    let plan = layers.plan(&builtin()).unwrap();
     assert_eq!((plan.daemon.settle_ms, plan.daemon.workers, plan.daemon.keep_originals), (500, 2, false));
     let errors = errors_of("[daemon]\nworkers = 0\nsettle = 5");
     assert!(errors.iter().any(|e| e.starts_with("daemon.workers:")), "{errors:?}");

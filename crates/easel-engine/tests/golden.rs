@@ -11,9 +11,10 @@ use easel_config::ConfigLayers;
 use easel_core::{LayerId, Objective};
 use easel_engine::image_io::to_tensor;
 use easel_engine::{load_image, StyleRun};
+use easel_plugins::builtin;
 use easel_vgg::{Pooling, Preprocess, Vgg19};
 use serde_json::Value;
-use support::{data, registry, weights};
+use support::{data, weights};
 
 /// Relative tolerances from the golden set's README.
 const STAT_TOL: f64 = 1e-4;
@@ -98,7 +99,7 @@ weight = {}
     let plan = ConfigLayers::defaults()
         .with_text("golden.toml", &text)
         .expect("parses")
-        .plan(&registry())
+        .plan(&builtin())
         .expect("valid plan");
     let vgg =
         Vgg19::load(weights(), LayerId::Relu5_1, case.pooling, case.preprocess, &Device::Cpu).expect("loads");
