@@ -240,6 +240,18 @@ fn config_check_and_plugins() {
     for name in ["content", "gram", "tv", "lbfgs", "adam", "gd", "layer_weights", "history"] {
         assert!(text.contains(name), "plugins output lacks {name}:\n{text}");
     }
+    // Each default as the plugin's `build` uses it, rendered from the same constant.
+    for default in [
+        "default 0.02 ",
+        "default 1e-8 ",
+        "default 0.01 ",
+        "default 100 ",
+        "default strong_wolfe ",
+        "default [\"relu4_2\"] ",
+        "default 1/n each ",
+    ] {
+        assert!(text.contains(default), "plugins output lacks `{default}`:\n{text}");
+    }
 }
 
 /// Runs `easel run` on `content` with the test style and `weights` plus `extra` flags, in a

@@ -17,8 +17,37 @@ pub struct OptionSpec {
     pub key: &'static str,
     /// The accepted values, e.g. `number > 0` or `list of layer names`.
     pub kind: &'static str,
-    pub default: &'static str,
+    /// Built from the same constant the plugin's `build` reads, so the value is written once.
+    pub default: OptionDefault,
     pub doc: &'static str,
+}
+
+/// The value an option takes when a config leaves it out, shown by `easel plugins`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum OptionDefault {
+    Number(f64),
+    Integer(u64),
+    /// One of a fixed set of names.
+    Name(&'static str),
+    Layers(&'static [LayerId]),
+    /// A default computed from other options, in words (`1/n each`).
+    Derived(&'static str),
+}
+
+impl fmt::Display for OptionDefault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            // Debug, not Display: `1e-8` rather than `0.00000001`.
+            OptionDefault::Number(x) => write!(f, "{x:?}"),
+            OptionDefault::Integer(n) => write!(f, "{n}"),
+            OptionDefault::Name(name) => f.write_str(name),
+            OptionDefault::Layers(layers) => {
+                let names: Vec<String> = layers.iter().map(|l| format!("\"{l}\"")).collect();
+                write!(f, "[{}]", names.join(", "))
+            }
+            OptionDefault::Derived(words) => f.write_str(words),
+        }
+    }
 }
 
 /// A problem with one key: `loss[1].weight: must be > 0, got -3`.
@@ -326,6 +355,17 @@ mod tests {
         assert_eq!(errors[2], "loss[1].layers[2]: expected a layer name, got integer 4");
         assert_eq!(errors[3], "loss[1].flag: expected true or false, got string \"yes\"");
         assert!(errors[4].starts_with("loss[1].extra: unknown key; known keys: flag, layers, weight"));
+    }
+
+    #[test]
+    fn defaults_are_shown_as_a_config_would_write_them() {
+        assert_eq!(OptionDefault::Number(0.02).to_string(), "0.02");
+        assert_eq!(OptionDefault::Number(1e-8).to_string(), "1e-8");
+        assert_eq!(OptionDefault::Integer(100).to_string(), "100");
+        assert_eq!(OptionDefault::Name("strong_wolfe").to_string(), "strong_wolfe");
+        let layers = OptionDefault::Layers(&[LayerId::Relu1_1, LayerId::Relu4_2]);
+        assert_eq!(layers.to_string(), "[\"relu1_1\", \"relu4_2\"]");
+        assert_eq!(OptionDefault::Derived("1/n each").to_string(), "1/n each");
     }
 
     #[test]

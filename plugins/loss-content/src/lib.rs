@@ -2,7 +2,8 @@
 
 use easel_core::candle_core::{DType, Tensor};
 use easel_core::{
-    CoreError, FeatureMaps, LayerGrads, LayerId, Loss, LossFactory, OptionSpec, Options, References,
+    CoreError, FeatureMaps, LayerGrads, LayerId, Loss, LossFactory, OptionDefault, OptionSpec, Options,
+    References,
 };
 
 /// Builds [`ContentLoss`] from `type = "content"`.
@@ -13,7 +14,7 @@ const DEFAULT_LAYERS: &[LayerId] = &[LayerId::Relu4_2];
 const OPTIONS: &[OptionSpec] = &[OptionSpec {
     key: "layers",
     kind: "list of layer names",
-    default: "[\"relu4_2\"]",
+    default: OptionDefault::Layers(DEFAULT_LAYERS),
     doc: "layers whose features are matched; the per-layer losses are summed",
 }];
 

@@ -2,7 +2,8 @@
 
 use easel_core::candle_core::{DType, Tensor};
 use easel_core::{
-    CoreError, FeatureMaps, LayerGrads, LayerId, Loss, LossFactory, OptionSpec, Options, References,
+    CoreError, FeatureMaps, LayerGrads, LayerId, Loss, LossFactory, OptionDefault, OptionSpec, Options,
+    References,
 };
 use rayon::prelude::*;
 
@@ -16,13 +17,13 @@ const OPTIONS: &[OptionSpec] = &[
     OptionSpec {
         key: "layers",
         kind: "list of layer names",
-        default: "[\"relu1_1\", \"relu2_1\", \"relu3_1\", \"relu4_1\", \"relu5_1\"]",
+        default: OptionDefault::Layers(DEFAULT_LAYERS),
         doc: "layers whose Gram matrices are matched",
     },
     OptionSpec {
         key: "layer_weights",
         kind: "list of numbers >= 0, one per layer",
-        default: "1/n each",
+        default: OptionDefault::Derived("1/n each"),
         doc: "w_l in L = sum_l w_l E_l",
     },
 ];

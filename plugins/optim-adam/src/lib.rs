@@ -2,7 +2,8 @@
 
 use easel_core::candle_core::Tensor;
 use easel_core::{
-    CoreError, Objective, Optimizer, OptimizerFactory, OptimizerState, OptionSpec, Options, Step,
+    CoreError, Objective, Optimizer, OptimizerFactory, OptimizerState, OptionDefault, OptionSpec, Options,
+    Step,
 };
 
 /// Builds [`Adam`] from `type = "adam"`.
@@ -12,25 +13,25 @@ const OPTIONS: &[OptionSpec] = &[
     OptionSpec {
         key: "lr",
         kind: "number > 0",
-        default: "0.02",
+        default: OptionDefault::Number(AdamConfig::DEFAULT.lr),
         doc: "step size; with Adam each pixel moves by about this much per iteration early on",
     },
     OptionSpec {
         key: "beta1",
         kind: "number in [0, 1)",
-        default: "0.9",
+        default: OptionDefault::Number(AdamConfig::DEFAULT.beta1),
         doc: "decay rate of the running mean of the gradient",
     },
     OptionSpec {
         key: "beta2",
         kind: "number in [0, 1)",
-        default: "0.999",
+        default: OptionDefault::Number(AdamConfig::DEFAULT.beta2),
         doc: "decay rate of the running mean of the squared gradient",
     },
     OptionSpec {
         key: "eps",
         kind: "number > 0",
-        default: "1e-8",
+        default: OptionDefault::Number(AdamConfig::DEFAULT.eps),
         doc: "added to the denominator so that flat pixels do not divide by zero",
     },
 ];
@@ -49,7 +50,7 @@ impl OptimizerFactory for AdamFactory {
     }
 
     fn build(&self, options: &mut Options<'_>) -> Box<dyn Optimizer> {
-        let defaults = AdamConfig::default();
+        let defaults = AdamConfig::DEFAULT;
         let config = AdamConfig {
             lr: options.positive("lr", defaults.lr),
             beta1: options.number_in("beta1", defaults.beta1, 0.0, 1.0, true),
@@ -73,9 +74,14 @@ pub struct AdamConfig {
     pub eps: f64,
 }
 
+impl AdamConfig {
+    /// The values a config that leaves them out gets, and `easel plugins` shows.
+    pub const DEFAULT: AdamConfig = AdamConfig { lr: 0.02, beta1: 0.9, beta2: 0.999, eps: 1e-8 };
+}
+
 impl Default for AdamConfig {
     fn default() -> Self {
-        Self { lr: 0.02, beta1: 0.9, beta2: 0.999, eps: 1e-8 }
+        Self::DEFAULT
     }
 }
 

@@ -2,7 +2,8 @@
 
 use easel_core::candle_core::{DType, Tensor};
 use easel_core::{
-    CoreError, Objective, Optimizer, OptimizerFactory, OptimizerState, OptionSpec, Options, Step,
+    CoreError, Objective, Optimizer, OptimizerFactory, OptimizerState, OptionDefault, OptionSpec, Options,
+    Step,
 };
 
 /// Builds [`GradientDescent`] from `type = "gd"`.
@@ -14,7 +15,7 @@ pub const DEFAULT_LR: f64 = 0.01;
 const OPTIONS: &[OptionSpec] = &[OptionSpec {
     key: "lr",
     kind: "number > 0",
-    default: "0.01",
+    default: OptionDefault::Number(DEFAULT_LR),
     doc: "step size: the image moves by lr times the gradient each iteration",
 }];
 
