@@ -217,27 +217,14 @@ mod tests {
     use super::*;
     use easel_core::candle_core::{Device, Tensor};
     use easel_core::toml::Table;
-
-    /// f(x) = sum((x - c)^2), gradient 2 (x - c).
-    struct Quadratic {
-        c: Tensor,
-    }
-
-    impl Objective for Quadratic {
-        fn evaluate(&mut self, x: &Tensor) -> Result<(f64, Tensor), CoreError> {
-            let diff = (x - &self.c)?;
-            let loss = diff.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-            Ok((loss, diff.affine(2.0, 0.0)?))
-        }
-    }
+    use easel_testkit::Quadratic;
 
     const X0: [f32; 4] = [1.0, -2.0, 0.5, 3.0];
     const C: [f32; 4] = [0.0, 1.0, 0.5, -1.0];
 
     fn setup() -> (Tensor, Quadratic) {
         let x = Tensor::new(&X0, &Device::Cpu).unwrap();
-        let c = Tensor::new(&C, &Device::Cpu).unwrap();
-        (x, Quadratic { c })
+        (x, Quadratic::new(&C))
     }
 
     fn adam(lr: f64) -> Adam {
@@ -365,7 +352,7 @@ mod tests {
         let mut other = adam(0.01);
         other.restore(&saved).unwrap();
         let mut small = Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap();
-        let mut g = Quadratic { c: small.zeros_like().unwrap() };
+        let mut g = Quadratic::new(&[0.0, 0.0]);
         let err = other.step(&mut small, &mut g).unwrap_err();
         assert!(matches!(err, CoreError::BadState(_)), "{err}");
 
@@ -416,8 +403,17 @@ mod tests {
     #[test]
     fn documented_defaults_are_the_defaults() {
         let d = AdamConfig::default();
-        let documented: Vec<f64> = OPTIONS.iter().map(|o| o.default.parse().unwrap()).collect();
-        assert_eq!(documented, [d.lr, d.beta1, d.beta2, d.eps]);
+        let documented: Vec<_> = OPTIONS.iter().map(|o| (o.key, o.default)).collect();
+        let number = OptionDefault::Number;
+        assert_eq!(
+            documented,
+            [
+                ("lr", number(d.lr)),
+                ("beta1", number(d.beta1)),
+                ("beta2", number(d.beta2)),
+                ("eps", number(d.eps))
+            ]
+        );
         assert_eq!(AdamFactory.name(), "adam");
     }
 }
