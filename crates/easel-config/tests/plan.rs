@@ -101,7 +101,9 @@ amount = 3
         "{errors:#?}"
     );
     assert!(errors.contains(&"run.size: expected an integer, got string \"big\"".to_string()), "{errors:#?}");
-    assert!(errors.iter().any(|e| e.starts_with("run.sizee: unknown key; known keys:")));
+    let sizee = "run.sizee: unknown key; did you mean `size`? known keys: init, iterations, \
+                 preserve_colors, save_every, scales, seed, size, style_scale";
+    assert!(errors.contains(&sizee.to_string()), "{errors:#?}");
     assert!(errors.contains(&"run.iterations: must be in [1, 1000000], got 0".to_string()));
     assert!(errors.iter().any(|e| e.starts_with("model.kernel_cache_mb: must be in [0, ")), "{errors:#?}");
     assert!(errors.iter().any(|e| e.starts_with("optimizer.history:")), "{errors:#?}");
@@ -121,6 +123,38 @@ fn unknown_optimizer_and_sections_are_named() {
         .any(|e| e.starts_with("optimizer.type: unknown optimizer \"sgdx\"; available: lbfgs, adam, gd")));
     assert!(errors.iter().any(|e| e.starts_with("extra: unknown key")));
     assert!(errors.contains(&"style[0].path: missing: the style image's file".to_string()));
+}
+
+#[test]
+fn an_unknown_plugin_option_lists_the_plugins_options() {
+    assert_eq!(
+        errors_of("[optimizer]\ntype = \"adam\"\nlrr = 0.1"),
+        ["optimizer.lrr: unknown key; did you mean `lr`? known keys: beta1, beta2, eps, lr, type"]
+    );
+    assert_eq!(
+        errors_of("[[loss]]\ntype = \"gram\"\nlayerz = [\"relu1_1\"]"),
+        ["loss[0].layerz: unknown key; did you mean `layers`? known keys: layer_weights, layers, type, weight"]
+    );
+    // No option is close: the list alone.
+    assert_eq!(
+        errors_of("[[loss]]\ntype = \"tv\"\nstrength = 2"),
+        ["loss[0].strength: unknown key; known keys: type, weight"]
+    );
+}
+
+#[test]
+fn a_typo_in_any_table_gets_a_suggestion() {
+    let errors = errors_of("[model]\npoolng = \"avg\"\n[output]\njpeg_qualty = 80\n[rum]\nsize = 64");
+    assert_eq!(
+        errors,
+        [
+            "model.poolng: unknown key; did you mean `pooling`? known keys: device, kernel_cache_mb, pooling, \
+             preprocess, weights, winograd",
+            "output.jpeg_qualty: unknown key; did you mean `jpeg_quality`? known keys: format, jpeg_quality",
+            "rum: unknown key; did you mean `run`? known keys: daemon, limits, loss, model, optimizer, output, \
+             run, style",
+        ]
+    );
 }
 
 #[test]
