@@ -1,7 +1,6 @@
 //! The `easel` command line: parses flags, sets up logging, and hands over to the libraries.
 
 mod commands;
-mod registry;
 
 use std::process::ExitCode;
 
@@ -75,7 +74,7 @@ fn main() -> ExitCode {
     if !easel_vgg::alloc::reuse_large_blocks() {
         tracing::debug!("the allocator keeps its own policy for large blocks");
     }
-    let registry = registry::registry();
+    let registry = easel_plugins::builtin();
     let result = match cli.command {
         Command::Run(args) => commands::run::run(args, &registry),
         Command::Eval(args) => commands::eval::eval(args, &registry),

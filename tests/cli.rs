@@ -240,6 +240,50 @@ fn config_check_and_plugins() {
     for name in ["content", "gram", "tv", "lbfgs", "adam", "gd", "layer_weights", "history"] {
         assert!(text.contains(name), "plugins output lacks {name}:\n{text}");
     }
+    // Each default as the plugin's `build` uses it, rendered from the same constant.
+    for default in [
+        "default 0.02 ",
+        "default 1e-8 ",
+        "default 0.01 ",
+        "default 100 ",
+        "default strong_wolfe ",
+        "default [\"relu4_2\"] ",
+        "default 1/n each ",
+    ] {
+        assert!(text.contains(default), "plugins output lacks `{default}`:\n{text}");
+    }
+}
+
+#[test]
+fn config_check_names_the_plugins_options_for_a_typo() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cases = [
+        (
+            "adam.toml",
+            "[optimizer]\ntype = \"adam\"\nlrr = 0.1\n",
+            "  optimizer.lrr: unknown key; did you mean `lr`? known keys: beta1, beta2, eps, lr, type\n",
+        ),
+        (
+            "gram.toml",
+            "[[loss]]\ntype = \"gram\"\nlayerz = [\"relu1_1\"]\n",
+            "  loss[0].layerz: unknown key; did you mean `layers`? known keys: layer_weights, layers, type, \
+             weight\n",
+        ),
+        (
+            "run.toml",
+            "[run]\niteratons = 10\n",
+            "  run.iteratons: unknown key; did you mean `iterations`? known keys: init, iterations, \
+             preserve_colors, save_every, scales, seed, size, style_scale\n",
+        ),
+    ];
+    for (name, toml, line) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, toml).expect("write");
+        let out = easel().args(["config", "check"]).arg(&path).output().expect("runs");
+        assert!(!out.status.success(), "{name} passed the check");
+        let text = stderr(&out);
+        assert!(text.contains(line), "missing `{line}` in:\n{text}");
+    }
 }
 
 /// Runs `easel run` on `content` with the test style and `weights` plus `extra` flags, in a

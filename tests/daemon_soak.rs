@@ -11,21 +11,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use daemon_support::*;
-
-/// xorshift64*: a reproducible random sequence without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+use easel_testkit::Rng;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Kind {
@@ -59,20 +45,20 @@ fn soak_jobs_with_random_kills_and_bad_files() {
         2,
         "settle_ms = 300\nsidecar_wait_ms = 150\ncheckpoint_every = 1\nworkers = 2",
     ));
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let mut plan: Vec<(String, Kind, u64)> = Vec::new();
     for i in 0..jobs {
         let roll = rng.below(100);
         let kind = if roll < 15 { Kind::Bad } else { Kind::Good };
         let ext = if kind == Kind::Bad && roll < 5 { "jpg" } else { "png" };
-        plan.push((format!("job {i:03}.{ext}"), kind, rng.next()));
+        plan.push((format!("job {i:03}.{ext}"), kind, rng.next_u64()));
     }
 
     let started = Instant::now();
     let (mut kills, mut stops) = (0, 0);
     std::thread::scope(|s| {
         let dropper = s.spawn(|| {
-            let mut rng = Rng(seed.rotate_left(17) | 1);
+            let mut rng = Rng::new(seed.rotate_left(17));
             for (name, kind, r) in &plan {
                 let good = png_bytes(24 + (*r % 24) as u32, 24 + (*r / 24 % 24) as u32, (*r % 1000) as u32);
                 let stem = name.rsplit_once('.').unwrap().0;
@@ -98,7 +84,7 @@ fn soak_jobs_with_random_kills_and_bad_files() {
         });
         // Run the daemon, killing (mostly -9) or stopping it at random, until all is dropped
         // and processed.
-        let mut rng = Rng(seed.rotate_left(33) | 1);
+        let mut rng = Rng::new(seed.rotate_left(33));
         while !(dropper.is_finished() && settled(&root)) {
             assert!(started.elapsed() < Duration::from_secs(1200), "soak did not finish in 20 minutes");
             let mut daemon = root.start(&[]);

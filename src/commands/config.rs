@@ -64,7 +64,8 @@ fn print_options(options: &[OptionSpec]) {
         println!("    (no options)");
     }
     for o in options {
-        println!("    {:<20} {:<28} default {:<12} {}", o.key, o.kind, o.default, o.doc);
+        let default = o.default.to_string();
+        println!("    {:<20} {:<28} default {default:<12} {}", o.key, o.kind, o.doc);
     }
 }
 

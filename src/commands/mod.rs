@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use easel_config::{ConfigLayers, Plan};
-use easel_core::{LayerId, Registry};
-use easel_engine::{load_image, StyleRun};
-use easel_vgg::{Vgg19, WeightsFile};
+use easel_core::Registry;
+use easel_engine::{load_image, ModelSpec, StyleRun};
+use easel_vgg::WeightsFile;
 use toml::{Table, Value};
 
 /// Flags that describe the inputs of any job.
@@ -152,11 +152,7 @@ pub fn prepare(job: &JobArgs, overlay: Table, registry: &Registry) -> Result<Pre
         styles.push((load_image(&spec.path, &plan.limits)?, spec.weight));
     }
     let weights = WeightsFile::open(&weights_path)?;
-    let device = easel_engine::device(plan.model.device)?;
-    let deepest = plan.losses.iter().flat_map(|l| l.loss.layers()).max().unwrap_or(LayerId::Pixels);
-    let vgg = Vgg19::load(&weights, deepest, plan.model.pooling, plan.model.preprocess, &device)?
-        .with_winograd(plan.model.winograd)
-        .with_kernel_cache((plan.model.kernel_cache_mb as usize) << 20);
+    let vgg = ModelSpec::of(&plan).load(&weights)?;
     let run = StyleRun::new(plan, vgg, content, styles).context("preparing the run")?;
     Ok(PreparedJob { run, weights })
 }

@@ -133,8 +133,10 @@ pub struct WeightedLoss {
 
 /// The `[optimizer]`, built.
 pub struct NamedOptimizer {
+    /// Its `type`.
     pub kind: &'static str,
-    pub optimizer: Box<dyn Optimizer>,
+    /// The optimiser its plugin built.
+    pub plugin: Box<dyn Optimizer>,
 }
 
 /// A complete, valid job description.
@@ -314,8 +316,7 @@ impl Plan {
         if let Some(name) = plugin_type(&mut o, registry.optimizer_names()) {
             match registry.optimizer(name) {
                 Some(factory) => {
-                    optimizer =
-                        Some(NamedOptimizer { kind: factory.name(), optimizer: factory.build(&mut o) })
+                    optimizer = Some(NamedOptimizer { kind: factory.name(), plugin: factory.build(&mut o) })
                 }
                 None => {
                     let known = registry.optimizer_names();

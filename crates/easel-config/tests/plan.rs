@@ -1,21 +1,12 @@
 //! Validation of layered configurations: defaults, presets, and every kind of mistake.
 
 use easel_config::{ConfigError, ConfigLayers, Init};
-use easel_core::Registry;
+use easel_plugins::builtin;
 use easel_vgg::{Pooling, Winograd};
-
-fn registry() -> Registry {
-    Registry::new()
-        .with_loss(&easel_loss_content::ContentFactory)
-        .with_loss(&easel_loss_gram::GramFactory)
-        .with_loss(&easel_loss_tv::TvFactory)
-        .with_optimizer(&easel_optim_adam::AdamFactory)
-        .with_optimizer(&easel_optim_lbfgs::LbfgsFactory)
-}
 
 fn errors_of(text: &str) -> Vec<String> {
     let layers = ConfigLayers::defaults().with_text("job.toml", text).expect("test TOML parses");
-    match layers.plan(&registry()) {
+    match layers.plan(&builtin()) {
         Err(ConfigError::Invalid { errors, sources }) => {
             assert_eq!(sources, "defaults < job.toml");
             errors.iter().map(|e| e.to_string()).collect()
@@ -27,7 +18,7 @@ fn errors_of(text: &str) -> Vec<String> {
 
 #[test]
 fn defaults_are_the_papers_setup() {
-    let plan = ConfigLayers::defaults().plan(&registry()).expect("defaults are valid");
+    let plan = ConfigLayers::defaults().plan(&builtin()).expect("defaults are valid");
     assert_eq!(plan.run.size, 512);
     assert_eq!(plan.run.init, Init::Content);
     assert_eq!(plan.optimizer.kind, "lbfgs");
@@ -47,7 +38,7 @@ fn every_preset_in_configs_is_valid() {
         let path = entry.expect("readable entry").path();
         if path.extension().is_some_and(|e| e == "toml") {
             let layers = ConfigLayers::defaults().with_file(&path).expect("preset parses");
-            if let Err(e) = layers.plan(&registry()) {
+            if let Err(e) = layers.plan(&builtin()) {
                 panic!("{}: {e}", path.display());
             }
             checked += 1;
@@ -65,7 +56,7 @@ fn later_layers_override_earlier_ones() {
         )
         .and_then(|l| l.with_text("sidecar.toml", "[run]\nsize = 128"))
         .expect("parses");
-    let plan = layers.plan(&registry()).expect("valid");
+    let plan = layers.plan(&builtin()).expect("valid");
     assert_eq!((plan.run.size, plan.run.iterations), (128, 10));
     assert_eq!(plan.model.pooling, Pooling::Avg);
     assert_eq!(plan.model.winograd, Winograd::All);
@@ -110,7 +101,9 @@ amount = 3
         "{errors:#?}"
     );
     assert!(errors.contains(&"run.size: expected an integer, got string \"big\"".to_string()), "{errors:#?}");
-    assert!(errors.iter().any(|e| e.starts_with("run.sizee: unknown key; known keys:")));
+    let sizee = "run.sizee: unknown key; did you mean `size`? known keys: init, iterations, \
+                 preserve_colors, save_every, scales, seed, size, style_scale";
+    assert!(errors.contains(&sizee.to_string()), "{errors:#?}");
     assert!(errors.contains(&"run.iterations: must be in [1, 1000000], got 0".to_string()));
     assert!(errors.iter().any(|e| e.starts_with("model.kernel_cache_mb: must be in [0, ")), "{errors:#?}");
     assert!(errors.iter().any(|e| e.starts_with("optimizer.history:")), "{errors:#?}");
@@ -127,9 +120,41 @@ fn unknown_optimizer_and_sections_are_named() {
     assert_eq!(errors.len(), 3, "{errors:#?}");
     assert!(errors
         .iter()
-        .any(|e| e.starts_with("optimizer.type: unknown optimizer \"sgdx\"; available: adam, lbfgs")));
+        .any(|e| e.starts_with("optimizer.type: unknown optimizer \"sgdx\"; available: lbfgs, adam, gd")));
     assert!(errors.iter().any(|e| e.starts_with("extra: unknown key")));
     assert!(errors.contains(&"style[0].path: missing: the style image's file".to_string()));
+}
+
+#[test]
+fn an_unknown_plugin_option_lists_the_plugins_options() {
+    assert_eq!(
+        errors_of("[optimizer]\ntype = \"adam\"\nlrr = 0.1"),
+        ["optimizer.lrr: unknown key; did you mean `lr`? known keys: beta1, beta2, eps, lr, type"]
+    );
+    assert_eq!(
+        errors_of("[[loss]]\ntype = \"gram\"\nlayerz = [\"relu1_1\"]"),
+        ["loss[0].layerz: unknown key; did you mean `layers`? known keys: layer_weights, layers, type, weight"]
+    );
+    // No option is close: the list alone.
+    assert_eq!(
+        errors_of("[[loss]]\ntype = \"tv\"\nstrength = 2"),
+        ["loss[0].strength: unknown key; known keys: type, weight"]
+    );
+}
+
+#[test]
+fn a_typo_in_any_table_gets_a_suggestion() {
+    let errors = errors_of("[model]\npoolng = \"avg\"\n[output]\njpeg_qualty = 80\n[rum]\nsize = 64");
+    assert_eq!(
+        errors,
+        [
+            "model.poolng: unknown key; did you mean `pooling`? known keys: device, kernel_cache_mb, pooling, \
+             preprocess, weights, winograd",
+            "output.jpeg_qualty: unknown key; did you mean `jpeg_quality`? known keys: format, jpeg_quality",
+            "rum: unknown key; did you mean `run`? known keys: daemon, limits, loss, model, optimizer, output, \
+             run, style",
+        ]
+    );
 }
 
 #[test]
@@ -144,18 +169,18 @@ fn changing_a_plugin_type_replaces_its_table() {
     let layers = ConfigLayers::defaults()
         .with_text("job.toml", "[optimizer]\ntype = \"adam\"\nlr = 0.1")
         .expect("parses");
-    let plan = layers.plan(&registry()).expect("lbfgs's `history` must not leak into adam");
+    let plan = layers.plan(&builtin()).expect("lbfgs's `history` must not leak into adam");
     assert_eq!(plan.optimizer.kind, "adam");
 }
 
 #[test]
 fn the_daemon_section_has_defaults_and_is_validated() {
-    let plan = ConfigLayers::defaults().plan(&registry()).expect("defaults are valid");
+    let plan = ConfigLayers::defaults().plan(&builtin()).expect("defaults are valid");
     assert_eq!(plan.daemon, easel_config::DaemonSettings::default());
     let layers = ConfigLayers::defaults()
         .with_text("daemon.toml", "[daemon]\nsettle_ms = 500\nworkers = 2\nkeep_originals = false")
         .unwrap();
-    let plan = layers.plan(&registry()).unwrap();
+    let plan = layers.plan(&builtin()).unwrap();
     assert_eq!((plan.daemon.settle_ms, plan.daemon.workers, plan.daemon.keep_originals), (500, 2, false));
     let errors = errors_of("[daemon]\nworkers = 0\nsettle = 5");
     assert!(errors.iter().any(|e| e.starts_with("daemon.workers:")), "{errors:?}");

@@ -19,9 +19,10 @@ pub enum CoreError {
         "the loss became {value} at evaluation {evaluation}; lower the learning rate or the loss weights"
     )]
     NonFinite { value: f64, evaluation: usize },
-    /// The objective could not be computed (feature extraction failed).
-    #[error("{0}")]
-    Objective(String),
+    /// The objective could not be computed (feature extraction failed); the engine's own error,
+    /// kept whole so that its source chain survives the trip through the optimiser.
+    #[error(transparent)]
+    Objective(Box<dyn std::error::Error + Send + Sync + 'static>),
     /// Saved optimiser state does not fit this optimiser or image.
     #[error("optimiser state does not match: {0}")]
     BadState(String),

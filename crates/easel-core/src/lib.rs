@@ -22,5 +22,5 @@ pub use files::{temp_path_for, write_atomically};
 pub use layer::LayerId;
 pub use loss::{LayerGrads, Loss, LossFactory};
 pub use optimizer::{Objective, Optimizer, OptimizerFactory, OptimizerState, Step};
-pub use options::{OptionError, OptionSpec, Options};
+pub use options::{OptionDefault, OptionError, OptionSpec, Options};
 pub use registry::Registry;

@@ -17,8 +17,37 @@ pub struct OptionSpec {
     pub key: &'static str,
     /// The accepted values, e.g. `number > 0` or `list of layer names`.
     pub kind: &'static str,
-    pub default: &'static str,
+    /// Built from the same constant the plugin's `build` reads, so the value is written once.
+    pub default: OptionDefault,
     pub doc: &'static str,
+}
+
+/// The value an option takes when a config leaves it out, shown by `easel plugins`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum OptionDefault {
+    Number(f64),
+    Integer(u64),
+    /// One of a fixed set of names.
+    Name(&'static str),
+    Layers(&'static [LayerId]),
+    /// A default computed from other options, in words (`1/n each`).
+    Derived(&'static str),
+}
+
+impl fmt::Display for OptionDefault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            // Debug, not Display: `1e-8` rather than `0.00000001`.
+            OptionDefault::Number(x) => write!(f, "{x:?}"),
+            OptionDefault::Integer(n) => write!(f, "{n}"),
+            OptionDefault::Name(name) => f.write_str(name),
+            OptionDefault::Layers(layers) => {
+                let names: Vec<String> = layers.iter().map(|l| format!("\"{l}\"")).collect();
+                write!(f, "[{}]", names.join(", "))
+            }
+            OptionDefault::Derived(words) => f.write_str(words),
+        }
+    }
 }
 
 /// A problem with one key: `loss[1].weight: must be > 0, got -3`.
@@ -38,7 +67,10 @@ impl fmt::Display for OptionError {
 pub struct Options<'a> {
     table: &'a Table,
     path: String,
+    /// Keys present in the table and read.
     read: Vec<&'a str>,
+    /// Every key asked for, present or not: what an unknown key is compared with.
+    asked: Vec<String>,
     errors: Vec<OptionError>,
 }
 
@@ -65,7 +97,7 @@ fn as_f64(value: &Value) -> Option<f64> {
 impl<'a> Options<'a> {
     /// Reads `table`, whose keys are reported under `path` (`loss[1]`, `run`, or `` for the top).
     pub fn new(table: &'a Table, path: impl Into<String>) -> Self {
-        Self { table, path: path.into(), read: Vec::new(), errors: Vec::new() }
+        Self { table, path: path.into(), read: Vec::new(), asked: Vec::new(), errors: Vec::new() }
     }
 
     /// The full path of `key` in this table.
@@ -95,6 +127,9 @@ impl<'a> Options<'a> {
 
     /// The raw value of `key`, marking it as known.
     pub fn value(&mut self, key: &str) -> Option<&'a Value> {
+        if !self.asked.iter().any(|k| k == key) {
+            self.asked.push(key.to_string());
+        }
         let (k, v) = self.table.get_key_value(key)?;
         self.read.push(k.as_str());
         Some(v)
@@ -283,17 +318,19 @@ impl<'a> Options<'a> {
         Some(out)
     }
 
-    /// Ends reading: every key never asked for is reported as unknown. Returns all problems.
+    /// Ends reading: every key never asked for is reported as unknown, with the keys that
+    /// were asked for and the closest of them. Returns all problems.
     pub fn finish(mut self) -> Vec<OptionError> {
-        let mut known: Vec<&str> = self.read.clone();
+        let mut known: Vec<&str> = self.asked.iter().map(String::as_str).collect();
         known.sort_unstable();
-        known.dedup();
         for key in self.table.keys() {
             if !self.read.contains(&key.as_str()) {
                 let hint = if known.is_empty() {
                     "this table takes no options".to_string()
                 } else {
-                    format!("known keys: {}", known.join(", "))
+                    let guess =
+                        closest(key, &known).map(|k| format!("did you mean `{k}`? ")).unwrap_or_default();
+                    format!("{guess}known keys: {}", known.join(", "))
                 };
                 let path = self.key_path(key);
                 self.errors.push(OptionError { path, message: format!("unknown key; {hint}") });
@@ -301,6 +338,35 @@ impl<'a> Options<'a> {
         }
         self.errors
     }
+}
+
+/// The candidate a typo most likely meant: the nearest by edit distance, if within a third of
+/// the longer word (at least one edit). Ties go to the first in `candidates`.
+fn closest<'c>(typo: &str, candidates: &[&'c str]) -> Option<&'c str> {
+    candidates
+        .iter()
+        .map(|c| (edit_distance(typo, c), *c))
+        .filter(|(d, c)| *d <= (typo.chars().count().max(c.chars().count()) / 3).max(1))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+/// Levenshtein distance: the fewest single-character insertions, deletions and substitutions
+/// that turn `a` into `b`.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    // `row[j]`: the distance from the prefix of `a` read so far to `b[..j]`.
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = diagonal + usize::from(ca != *cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitute.min(row[j] + 1).min(diagonal + 1);
+        }
+    }
+    row[b.len()]
 }
 
 #[cfg(test)]
@@ -326,6 +392,48 @@ mod tests {
         assert_eq!(errors[2], "loss[1].layers[2]: expected a layer name, got integer 4");
         assert_eq!(errors[3], "loss[1].flag: expected true or false, got string \"yes\"");
         assert!(errors[4].starts_with("loss[1].extra: unknown key; known keys: flag, layers, weight"));
+    }
+
+    #[test]
+    fn defaults_are_shown_as_a_config_would_write_them() {
+        assert_eq!(OptionDefault::Number(0.02).to_string(), "0.02");
+        assert_eq!(OptionDefault::Number(1e-8).to_string(), "1e-8");
+        assert_eq!(OptionDefault::Integer(100).to_string(), "100");
+        assert_eq!(OptionDefault::Name("strong_wolfe").to_string(), "strong_wolfe");
+        let layers = OptionDefault::Layers(&[LayerId::Relu1_1, LayerId::Relu4_2]);
+        assert_eq!(layers.to_string(), "[\"relu1_1\", \"relu4_2\"]");
+        assert_eq!(OptionDefault::Derived("1/n each").to_string(), "1/n each");
+    }
+
+    #[test]
+    fn an_unknown_key_lists_every_key_asked_for_and_the_closest() {
+        let t = table("lrr = 0.1\nbeta = 0.5\nzzz = 1");
+        let mut o = Options::new(&t, "optimizer");
+        o.positive("lr", 1.0);
+        o.number_in("beta1", 0.9, 0.0, 1.0, true);
+        o.number_in("beta2", 0.9, 0.0, 1.0, true);
+        let errors: Vec<String> = o.finish().iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            errors,
+            [
+                // Equally close to both betas: the first in the list.
+                "optimizer.beta: unknown key; did you mean `beta1`? known keys: beta1, beta2, lr",
+                "optimizer.lrr: unknown key; did you mean `lr`? known keys: beta1, beta2, lr",
+                "optimizer.zzz: unknown key; known keys: beta1, beta2, lr",
+            ]
+        );
+    }
+
+    #[test]
+    fn edit_distance_counts_insertions_deletions_and_substitutions() {
+        assert_eq!(edit_distance("lr", "lr"), 0);
+        assert_eq!(edit_distance("lrr", "lr"), 1);
+        assert_eq!(edit_distance("layerz", "layers"), 1);
+        assert_eq!(edit_distance("itrations", "iterations"), 1);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(closest("sze", &["scales", "seed", "size"]), Some("size"));
+        assert_eq!(closest("colour", &["init", "scales", "size"]), None);
     }
 
     #[test]

@@ -11,11 +11,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use easel_config::{ConfigLayers, DeviceChoice, OutputFormat, Plan};
+use easel_config::{ConfigLayers, OutputFormat, Plan};
 use easel_core::write_atomically;
-use easel_core::{LayerId, Registry};
-use easel_engine::{load_image, save_image, Checkpoint, StyleRun};
-use easel_vgg::{Pooling, Preprocess, Vgg19, WeightsFile, Winograd};
+use easel_core::Registry;
+use easel_engine::{load_image, save_image, Checkpoint, ModelSpec, StyleRun};
+use easel_vgg::{Vgg19, WeightsFile};
 use serde_json::{json, Value};
 
 use crate::claim::{remove_job_dir, ClaimedJob, OUTCOME};
@@ -32,10 +32,6 @@ const ERROR: &str = ".error.txt";
 const RESULT: &str = ".result";
 const PROVENANCE: &str = ".result.json";
 
-/// What a loaded model depends on: deepest layer, pooling, pre-processing, Winograd mode, kernel
-/// cache MiB and device.
-type VggKey = (LayerId, Pooling, Preprocess, Winograd, u32, DeviceChoice);
-
 /// What every worker shares: the root, the plugins, the weights (mapped once), the current
 /// daemon config, the stop flag and the status board.
 pub(crate) struct Shared<'r> {
@@ -46,7 +42,7 @@ pub(crate) struct Shared<'r> {
     pub stop: Arc<AtomicBool>,
     pub board: StatusBoard,
     /// Models already built from the weights, by depth and conventions; clones share tensors.
-    vggs: Mutex<Vec<(VggKey, Vgg19)>>,
+    vggs: Mutex<Vec<(ModelSpec, Vgg19)>>,
 }
 
 impl<'r> Shared<'r> {
@@ -75,18 +71,13 @@ impl<'r> Shared<'r> {
     }
 
     fn vgg_for(&self, plan: &Plan) -> Result<Vgg19, JobError> {
-        let deepest = plan.losses.iter().flat_map(|l| l.loss.layers()).max().unwrap_or(LayerId::Pixels);
-        let m = &plan.model;
-        let key = (deepest, m.pooling, m.preprocess, m.winograd, m.kernel_cache_mb, m.device);
+        let spec = ModelSpec::of(plan);
         let mut cache = self.vggs.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, vgg)) = cache.iter().find(|(k, _)| *k == key) {
+        if let Some((_, vgg)) = cache.iter().find(|(s, _)| *s == spec) {
             return Ok(vgg.clone());
         }
-        let device = easel_engine::device(plan.model.device)?;
-        let vgg = Vgg19::load(&self.weights, deepest, plan.model.pooling, plan.model.preprocess, &device)?
-            .with_winograd(plan.model.winograd)
-            .with_kernel_cache((plan.model.kernel_cache_mb as usize) << 20);
-        cache.push((key, vgg.clone()));
+        let vgg = spec.load(&self.weights)?;
+        cache.push((spec, vgg.clone()));
         Ok(vgg)
     }
 }

@@ -66,6 +66,14 @@ fn bad(path: &Path, reason: impl std::fmt::Display) -> EngineError {
     EngineError::Checkpoint(format!("{}: {reason}", path.display()))
 }
 
+fn io(path: &Path, action: &'static str, source: std::io::Error) -> EngineError {
+    EngineError::CheckpointIo { path: path.to_path_buf(), action, source }
+}
+
+fn invalid(path: &Path, source: safetensors::SafeTensorError) -> EngineError {
+    EngineError::CheckpointFormat { path: path.to_path_buf(), source }
+}
+
 fn raw(name: &str, t: &Tensor) -> Result<RawTensor, EngineError> {
     let shape = t.dims().to_vec();
     let flat = t.flatten_all()?;
@@ -109,15 +117,16 @@ impl Checkpoint {
         let metadata = HashMap::from([(META_KEY.to_string(), meta.to_string())]);
         let bytes =
             safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), &Some(metadata))
-                .map_err(|e| bad(path, e))?;
-        easel_core::write_atomically(path, &bytes).map_err(|e| bad(path, format!("cannot write: {e}")))
+                .map_err(|source| invalid(path, source))?;
+        easel_core::write_atomically(path, &bytes).map_err(|source| io(path, "write", source))
     }
 
     /// Reads a checkpoint written by [`Checkpoint::write`]; tensors are placed on `device`.
     pub fn read(path: &Path, device: &Device) -> Result<Checkpoint, EngineError> {
-        let bytes = std::fs::read(path).map_err(|e| bad(path, format!("cannot read: {e}")))?;
-        let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(path, e))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(path, e))?;
+        let bytes = std::fs::read(path).map_err(|source| io(path, "read", source))?;
+        let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|source| invalid(path, source))?;
+        let (_, header) =
+            safetensors::SafeTensors::read_metadata(&bytes).map_err(|source| invalid(path, source))?;
         let meta_text = header
             .metadata()
             .as_ref()
@@ -131,7 +140,7 @@ impl Checkpoint {
             meta[key].as_u64().ok_or_else(|| bad(path, format!("`{key}` is missing or not a count")))
         };
         let tensor = |name: &str| -> Result<Tensor, EngineError> {
-            let view = file.tensor(name).map_err(|e| bad(path, e))?;
+            let view = file.tensor(name).map_err(|source| invalid(path, source))?;
             let dtype = match view.dtype() {
                 Dtype::F32 => DType::F32,
                 Dtype::F64 => DType::F64,
@@ -171,6 +180,23 @@ impl Checkpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_errors_keep_their_io_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("none.safetensors");
+        let err = Checkpoint::read(&path, &Device::Cpu).unwrap_err();
+        assert!(
+            matches!(&err, EngineError::CheckpointIo { source, .. } if source.kind() == std::io::ErrorKind::NotFound),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(text.starts_with(&format!("checkpoint: {}: cannot read: ", path.display())), "{text}");
+
+        std::fs::write(&path, b"not safetensors").unwrap();
+        let err = Checkpoint::read(&path, &Device::Cpu).unwrap_err();
+        assert!(matches!(err, EngineError::CheckpointFormat { .. }), "{err:?}");
+    }
 
     #[test]
     fn round_trip_keeps_every_bit() {

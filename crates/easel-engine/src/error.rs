@@ -17,6 +17,12 @@ pub enum EngineError {
     Device(String),
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    /// A checkpoint file could not be read or written.
+    #[error("checkpoint: {path}: cannot {action}: {source}")]
+    CheckpointIo { path: PathBuf, action: &'static str, source: std::io::Error },
+    /// A checkpoint file is not valid safetensors.
+    #[error("checkpoint: {path}: {source}")]
+    CheckpointFormat { path: PathBuf, source: safetensors::SafeTensorError },
     /// A tensor or image of the wrong shape for where it was given.
     #[error("shape mismatch: {0}")]
     Shape(String),

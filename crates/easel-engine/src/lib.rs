@@ -3,12 +3,14 @@
 pub mod checkpoint;
 mod error;
 pub mod image_io;
+mod model;
 mod objective;
 mod run;
 
 pub use checkpoint::Checkpoint;
 pub use error::EngineError;
 pub use image_io::{load_image, save_image, RgbImage};
+pub use model::ModelSpec;
 pub use objective::{l2_norm, LossReport, StyleObjective};
 pub use run::{Progress, StyleRun};
 

@@ -128,7 +128,7 @@ impl Objective for StyleObjective<'_> {
         let (value, grad) = self.total(x).map_err(|e| match e {
             EngineError::Core(c) => c,
             EngineError::Vgg(easel_vgg::VggError::Tensor(t)) => CoreError::Tensor(t),
-            other => CoreError::Objective(other.to_string()),
+            other => CoreError::Objective(Box::new(other)),
         })?;
         if !value.is_finite() {
             return Err(CoreError::NonFinite { value, evaluation: self.evaluations });

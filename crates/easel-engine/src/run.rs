@@ -141,7 +141,7 @@ impl StyleRun {
         for (_, t) in &mut state.tensors {
             *t = t.to_device(&device)?;
         }
-        run.plan.optimizer.optimizer.restore(&state)?;
+        run.plan.optimizer.plugin.restore(&state)?;
         run.iteration = checkpoint.iteration;
         run.done = checkpoint.done;
         run.finished = checkpoint.finished;
@@ -157,7 +157,7 @@ impl StyleRun {
             finished: self.finished,
             optimizer: self.plan.optimizer.kind.to_string(),
             image: self.x.clone(),
-            state: self.plan.optimizer.optimizer.state(),
+            state: self.plan.optimizer.plugin.state(),
         }
     }
 
@@ -193,7 +193,7 @@ impl StyleRun {
         for loss in &mut self.plan.losses {
             loss.loss.prepare(&references)?;
         }
-        self.plan.optimizer.optimizer.reset();
+        self.plan.optimizer.plugin.reset();
         self.x = match previous {
             Some(x) => to_tensor(&resize_exact(&from_tensor(x)?, w, h), &device)?,
             None => match self.plan.run.init {
@@ -224,7 +224,7 @@ impl StyleRun {
             )));
         }
         self.x = x;
-        self.plan.optimizer.optimizer.reset();
+        self.plan.optimizer.plugin.reset();
         Ok(())
     }
 
@@ -262,7 +262,7 @@ impl StyleRun {
         let iterations = self.plan.run.iterations;
         let Plan { losses, optimizer, .. } = &mut self.plan;
         let mut objective = StyleObjective::new(&self.vgg, losses);
-        let step = optimizer.optimizer.step(&mut self.x, &mut objective)?;
+        let step = optimizer.plugin.step(&mut self.x, &mut objective)?;
         self.iteration += 1;
         self.done += 1;
         let (_, _, h, w) = self.x.dims4()?;

@@ -12,9 +12,10 @@ use easel_config::ConfigLayers;
 use easel_core::{LayerId, Objective};
 use easel_engine::image_io::to_tensor;
 use easel_engine::{load_image, StyleRun};
+use easel_plugins::builtin;
 use easel_vgg::{Backend, Pooling, Preprocess, Vgg19};
 use serde_json::Value;
-use support::{data, registry, weights};
+use support::{data, weights};
 
 /// Relative tolerances from the golden set's README.
 const STAT_TOL: f64 = 1e-4;
@@ -112,7 +113,7 @@ weight = {}
     let plan = ConfigLayers::defaults()
         .with_text("golden.toml", &text)
         .expect("parses")
-        .plan(&registry())
+        .plan(&builtin())
         .expect("valid plan");
     let vgg = case.model(LayerId::Relu5_1);
     let content = load_image(&data("content.png"), &limits()).expect("content.png");

@@ -7,13 +7,14 @@ use candle_core::Device;
 use easel_config::ConfigLayers;
 use easel_core::LayerId;
 use easel_engine::{load_image, Checkpoint, RgbImage, StyleRun};
+use easel_plugins::builtin;
 use easel_vgg::Vgg19;
-use support::{data, registry, weights};
+use support::{data, weights};
 
 /// A small two-scale job (24 then 48 px) with the given optimiser table.
 fn parts(optimizer: &str) -> (easel_config::Plan, Vgg19, RgbImage, Vec<(RgbImage, f64)>) {
     let text = format!("[run]\nsize = 48\nscales = 2\niterations = 6\ninit = \"noise\"\n{optimizer}");
-    let plan = ConfigLayers::defaults().with_text("test", &text).unwrap().plan(&registry()).unwrap();
+    let plan = ConfigLayers::defaults().with_text("test", &text).unwrap().plan(&builtin()).unwrap();
     let limits = plan.limits;
     let content = load_image(&data("content.png"), &limits).unwrap();
     let style = load_image(&data("style.png"), &limits).unwrap();

@@ -3,7 +3,8 @@
 use easel_core::candle_core::Tensor;
 use easel_core::sums::{sum_dtype, sum_of_squares};
 use easel_core::{
-    CoreError, FeatureMaps, LayerGrads, LayerId, Loss, LossFactory, OptionSpec, Options, References,
+    CoreError, FeatureMaps, LayerGrads, LayerId, Loss, LossFactory, OptionDefault, OptionSpec, Options,
+    References,
 };
 
 /// Builds [`ContentLoss`] from `type = "content"`.
@@ -14,7 +15,7 @@ const DEFAULT_LAYERS: &[LayerId] = &[LayerId::Relu4_2];
 const OPTIONS: &[OptionSpec] = &[OptionSpec {
     key: "layers",
     kind: "list of layer names",
-    default: "[\"relu4_2\"]",
+    default: OptionDefault::Layers(DEFAULT_LAYERS),
     doc: "layers whose features are matched; the per-layer losses are summed",
 }];
 
@@ -107,6 +108,7 @@ impl Loss for ContentLoss {
 mod tests {
     use super::*;
     use easel_core::candle_core::{Device, Var};
+    use easel_testkit::{assert_gradient_matches, Tolerance};
 
     #[test]
     fn value_matches_definition_and_gradient_matches_finite_differences() -> Result<(), CoreError> {
@@ -141,18 +143,7 @@ mod tests {
         for (a, b) in closed.iter().zip(&grad) {
             assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "closed form {a} vs autograd {b}");
         }
-        for i in [0, 5, 17, 23] {
-            let h = 1e-2f32;
-            let (mut up, mut down) = (x.clone(), x.clone());
-            up[i] += h;
-            down[i] -= h;
-            let fd = (at(&up)? - at(&down)?) / (2.0 * h as f64);
-            assert!(
-                (fd - grad[i] as f64).abs() < 1e-3 * (1.0 + fd.abs()),
-                "entry {i}: fd {fd} vs {}",
-                grad[i]
-            );
-        }
-        Ok(())
+        let tolerance = Tolerance { relative: 1e-3, floor: 1.0 };
+        assert_gradient_matches("relu4_2", at, &x, &grad, [0, 5, 17, 23], 1e-2, tolerance)
     }
 }

@@ -3,7 +3,8 @@
 use easel_core::candle_core::Tensor;
 use easel_core::sums::{scalar_f64, sum_dtype};
 use easel_core::{
-    CoreError, FeatureMaps, LayerGrads, LayerId, Loss, LossFactory, OptionSpec, Options, References,
+    CoreError, FeatureMaps, LayerGrads, LayerId, Loss, LossFactory, OptionDefault, OptionSpec, Options,
+    References,
 };
 use rayon::prelude::*;
 
@@ -17,13 +18,13 @@ const OPTIONS: &[OptionSpec] = &[
     OptionSpec {
         key: "layers",
         kind: "list of layer names",
-        default: "[\"relu1_1\", \"relu2_1\", \"relu3_1\", \"relu4_1\", \"relu5_1\"]",
+        default: OptionDefault::Layers(DEFAULT_LAYERS),
         doc: "layers whose Gram matrices are matched",
     },
     OptionSpec {
         key: "layer_weights",
         kind: "list of numbers >= 0, one per layer",
-        default: "1/n each",
+        default: OptionDefault::Derived("1/n each"),
         doc: "w_l in L = sum_l w_l E_l",
     },
 ];
@@ -205,6 +206,7 @@ mod tests {
     use super::*;
     use easel_core::candle_core::{Device, Var};
     use easel_core::StyleReference;
+    use easel_testkit::{assert_gradient_matches, Tolerance};
 
     fn maps(
         layer: LayerId,
@@ -315,30 +317,11 @@ mod tests {
                 assert!((a - b).abs() <= 1e-5 * (1e-3 + b.abs()), "{layer}: closed form {a} vs autograd {b}");
             }
         }
-        let h = 1e-2f32;
-        for i in [0, 9, 30, 47] {
-            let (mut up, mut down) = (x1.clone(), x1.clone());
-            up[i] += h;
-            down[i] -= h;
-            let fd = (at(&up, &x2)? - at(&down, &x2)?) / (2.0 * h as f64);
-            assert!(
-                (fd - g1[i] as f64).abs() < 2e-3 * (1e-3 + fd.abs()),
-                "relu1_1[{i}]: fd {fd} vs {}",
-                g1[i]
-            );
-        }
-        for i in [0, 6, 15] {
-            let (mut up, mut down) = (x2.clone(), x2.clone());
-            up[i] += h;
-            down[i] -= h;
-            let fd = (at(&x1, &up)? - at(&x1, &down)?) / (2.0 * h as f64);
-            assert!(
-                (fd - g2[i] as f64).abs() < 2e-3 * (1e-3 + fd.abs()),
-                "relu2_1[{i}]: fd {fd} vs {}",
-                g2[i]
-            );
-        }
-        Ok(())
+        let tolerance = Tolerance { relative: 2e-3, floor: 1e-3 };
+        let along_x1 = |x1: &[f32]| at(x1, &x2);
+        assert_gradient_matches("relu1_1", along_x1, &x1, &g1, [0, 9, 30, 47], 1e-2, tolerance)?;
+        let along_x2 = |x2: &[f32]| at(&x1, x2);
+        assert_gradient_matches("relu2_1", along_x2, &x2, &g2, [0, 6, 15], 1e-2, tolerance)
     }
 
     #[test]

@@ -119,6 +119,7 @@ fn on_device(p: &Tensor) -> Result<(f64, Tensor), CoreError> {
 mod tests {
     use super::*;
     use easel_core::candle_core::{Device, Var};
+    use easel_testkit::{assert_gradient_matches, Tolerance};
 
     fn image(x: &[f32]) -> Result<FeatureMaps, CoreError> {
         let mut f = FeatureMaps::new();
@@ -161,19 +162,8 @@ mod tests {
         for (a, b) in closed.iter().zip(&grad) {
             assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "closed form {a} vs autograd {b}");
         }
-        for i in 0..24 {
-            let h = 1e-2f32;
-            let (mut up, mut down) = (x.clone(), x.clone());
-            up[i] += h;
-            down[i] -= h;
-            let fd = (at(&up)? - at(&down)?) / (2.0 * h as f64);
-            assert!(
-                (fd - grad[i] as f64).abs() < 1e-3 * (1.0 + fd.abs()),
-                "entry {i}: fd {fd} vs {}",
-                grad[i]
-            );
-        }
-        Ok(())
+        let tolerance = Tolerance { relative: 1e-3, floor: 1.0 };
+        assert_gradient_matches("pixels", at, &x, &grad, 0..24, 1e-2, tolerance)
     }
 
     /// The tensor-op path of GPUs gives the CPU loop's value and gradient.

@@ -2,7 +2,8 @@
 
 use easel_core::candle_core::Tensor;
 use easel_core::{
-    CoreError, Objective, Optimizer, OptimizerFactory, OptimizerState, OptionSpec, Options, Step,
+    CoreError, Objective, Optimizer, OptimizerFactory, OptimizerState, OptionDefault, OptionSpec, Options,
+    Step,
 };
 
 /// Builds [`Adam`] from `type = "adam"`.
@@ -12,25 +13,25 @@ const OPTIONS: &[OptionSpec] = &[
     OptionSpec {
         key: "lr",
         kind: "number > 0",
-        default: "0.02",
+        default: OptionDefault::Number(AdamConfig::DEFAULT.lr),
         doc: "step size; with Adam each pixel moves by about this much per iteration early on",
     },
     OptionSpec {
         key: "beta1",
         kind: "number in [0, 1)",
-        default: "0.9",
+        default: OptionDefault::Number(AdamConfig::DEFAULT.beta1),
         doc: "decay rate of the running mean of the gradient",
     },
     OptionSpec {
         key: "beta2",
         kind: "number in [0, 1)",
-        default: "0.999",
+        default: OptionDefault::Number(AdamConfig::DEFAULT.beta2),
         doc: "decay rate of the running mean of the squared gradient",
     },
     OptionSpec {
         key: "eps",
         kind: "number > 0",
-        default: "1e-8",
+        default: OptionDefault::Number(AdamConfig::DEFAULT.eps),
         doc: "added to the denominator so that flat pixels do not divide by zero",
     },
 ];
@@ -49,7 +50,7 @@ impl OptimizerFactory for AdamFactory {
     }
 
     fn build(&self, options: &mut Options<'_>) -> Box<dyn Optimizer> {
-        let defaults = AdamConfig::default();
+        let defaults = AdamConfig::DEFAULT;
         let config = AdamConfig {
             lr: options.positive("lr", defaults.lr),
             beta1: options.number_in("beta1", defaults.beta1, 0.0, 1.0, true),
@@ -73,9 +74,14 @@ pub struct AdamConfig {
     pub eps: f64,
 }
 
+impl AdamConfig {
+    /// The values a config that leaves them out gets, and `easel plugins` shows.
+    pub const DEFAULT: AdamConfig = AdamConfig { lr: 0.02, beta1: 0.9, beta2: 0.999, eps: 1e-8 };
+}
+
 impl Default for AdamConfig {
     fn default() -> Self {
-        Self { lr: 0.02, beta1: 0.9, beta2: 0.999, eps: 1e-8 }
+        Self::DEFAULT
     }
 }
 
@@ -211,27 +217,14 @@ mod tests {
     use super::*;
     use easel_core::candle_core::{Device, Tensor};
     use easel_core::toml::Table;
-
-    /// f(x) = sum((x - c)^2), gradient 2 (x - c).
-    struct Quadratic {
-        c: Tensor,
-    }
-
-    impl Objective for Quadratic {
-        fn evaluate(&mut self, x: &Tensor) -> Result<(f64, Tensor), CoreError> {
-            let diff = (x - &self.c)?;
-            let loss = diff.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-            Ok((loss, diff.affine(2.0, 0.0)?))
-        }
-    }
+    use easel_testkit::Quadratic;
 
     const X0: [f32; 4] = [1.0, -2.0, 0.5, 3.0];
     const C: [f32; 4] = [0.0, 1.0, 0.5, -1.0];
 
     fn setup() -> (Tensor, Quadratic) {
         let x = Tensor::new(&X0, &Device::Cpu).unwrap();
-        let c = Tensor::new(&C, &Device::Cpu).unwrap();
-        (x, Quadratic { c })
+        (x, Quadratic::new(&C))
     }
 
     fn adam(lr: f64) -> Adam {
@@ -359,7 +352,7 @@ mod tests {
         let mut other = adam(0.01);
         other.restore(&saved).unwrap();
         let mut small = Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap();
-        let mut g = Quadratic { c: small.zeros_like().unwrap() };
+        let mut g = Quadratic::new(&[0.0, 0.0]);
         let err = other.step(&mut small, &mut g).unwrap_err();
         assert!(matches!(err, CoreError::BadState(_)), "{err}");
 
@@ -410,8 +403,17 @@ mod tests {
     #[test]
     fn documented_defaults_are_the_defaults() {
         let d = AdamConfig::default();
-        let documented: Vec<f64> = OPTIONS.iter().map(|o| o.default.parse().unwrap()).collect();
-        assert_eq!(documented, [d.lr, d.beta1, d.beta2, d.eps]);
+        let documented: Vec<_> = OPTIONS.iter().map(|o| (o.key, o.default)).collect();
+        let number = OptionDefault::Number;
+        assert_eq!(
+            documented,
+            [
+                ("lr", number(d.lr)),
+                ("beta1", number(d.beta1)),
+                ("beta2", number(d.beta2)),
+                ("eps", number(d.eps))
+            ]
+        );
         assert_eq!(AdamFactory.name(), "adam");
     }
 }

@@ -2,7 +2,8 @@
 
 use easel_core::candle_core::{DType, Tensor};
 use easel_core::{
-    CoreError, Objective, Optimizer, OptimizerFactory, OptimizerState, OptionSpec, Options, Step,
+    CoreError, Objective, Optimizer, OptimizerFactory, OptimizerState, OptionDefault, OptionSpec, Options,
+    Step,
 };
 
 /// Builds [`GradientDescent`] from `type = "gd"`.
@@ -14,7 +15,7 @@ pub const DEFAULT_LR: f64 = 0.01;
 const OPTIONS: &[OptionSpec] = &[OptionSpec {
     key: "lr",
     kind: "number > 0",
-    default: "0.01",
+    default: OptionDefault::Number(DEFAULT_LR),
     doc: "step size: the image moves by lr times the gradient each iteration",
 }];
 
@@ -94,24 +95,11 @@ mod tests {
     use super::*;
     use easel_core::candle_core::Device;
     use easel_core::toml::Table;
-
-    /// f(x) = sum((x - c)^2), gradient 2 (x - c).
-    struct Quadratic {
-        c: Tensor,
-    }
-
-    impl Objective for Quadratic {
-        fn evaluate(&mut self, x: &Tensor) -> Result<(f64, Tensor), CoreError> {
-            let diff = (x - &self.c)?;
-            let loss = diff.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-            Ok((loss, diff.affine(2.0, 0.0)?))
-        }
-    }
+    use easel_testkit::Quadratic;
 
     fn setup() -> (Tensor, Quadratic) {
         let x = Tensor::new(&[1f32, -2.0, 0.5, 3.0], &Device::Cpu).unwrap();
-        let c = Tensor::new(&[0f32, 1.0, 0.5, -1.0], &Device::Cpu).unwrap();
-        (x, Quadratic { c })
+        (x, Quadratic::new(&[0.0, 1.0, 0.5, -1.0]))
     }
 
     #[test]
@@ -137,7 +125,7 @@ mod tests {
         // The error shrinks by 0.8 per step: 26 * 0.64^100 is far below f32 resolution.
         assert!(last.loss < 1e-10, "{}", last.loss);
 
-        let at_minimum = opt.step(&mut f.c.clone(), &mut f).unwrap();
+        let at_minimum = opt.step(&mut f.minimum().clone(), &mut f).unwrap();
         assert_eq!(at_minimum, Step { loss: 0.0, evaluations: 1, converged: true });
     }
 
@@ -178,7 +166,7 @@ mod tests {
         let _ = GdFactory.build(&mut options);
         let errors: Vec<String> = options.finish().iter().map(|e| e.to_string()).collect();
         assert_eq!(errors, ["optimizer.lr: must be > 0, got 0"]);
-        assert_eq!(OPTIONS[0].default.parse::<f64>().unwrap(), DEFAULT_LR);
+        assert_eq!((OPTIONS[0].key, OPTIONS[0].default), ("lr", OptionDefault::Number(DEFAULT_LR)));
         assert_eq!(GdFactory.name(), "gd");
     }
 }

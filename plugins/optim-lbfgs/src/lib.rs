@@ -17,7 +17,8 @@ use std::collections::VecDeque;
 
 use easel_core::candle_core::{Tensor, TensorId};
 use easel_core::{
-    CoreError, Objective, Optimizer, OptimizerFactory, OptimizerState, OptionSpec, Options, Step,
+    CoreError, Objective, Optimizer, OptimizerFactory, OptimizerState, OptionDefault, OptionSpec, Options,
+    Step,
 };
 
 use line_search::{strong_wolfe, LinePoint};
@@ -30,37 +31,37 @@ const OPTIONS: &[OptionSpec] = &[
     OptionSpec {
         key: "history",
         kind: "integer in [1, 1000]",
-        default: "100",
+        default: OptionDefault::Integer(LbfgsConfig::DEFAULT.history as u64),
         doc: "number of past (step, gradient change) pairs kept; each costs two image-sized tensors",
     },
     OptionSpec {
         key: "lr",
         kind: "number > 0",
-        default: "1",
+        default: OptionDefault::Number(LbfgsConfig::DEFAULT.lr),
         doc: "initial step length of the line search (the fixed step with line_search = \"none\")",
     },
     OptionSpec {
         key: "line_search",
         kind: "\"strong_wolfe\" or \"none\"",
-        default: "strong_wolfe",
+        default: OptionDefault::Name(LbfgsConfig::DEFAULT.line_search.name()),
         doc: "how the step length along the L-BFGS direction is chosen",
     },
     OptionSpec {
         key: "tolerance_grad",
         kind: "number >= 0",
-        default: "1e-7",
+        default: OptionDefault::Number(LbfgsConfig::DEFAULT.tolerance_grad),
         doc: "converged when no gradient element exceeds this in magnitude",
     },
     OptionSpec {
         key: "tolerance_change",
         kind: "number >= 0",
-        default: "1e-9",
+        default: OptionDefault::Number(LbfgsConfig::DEFAULT.tolerance_change),
         doc: "converged when the loss, or every pixel, changes by less than this in an iteration",
     },
     OptionSpec {
         key: "max_evals_per_step",
         kind: "integer in [1, 1000]",
-        default: "25",
+        default: OptionDefault::Integer(LbfgsConfig::DEFAULT.max_evals_per_step as u64),
         doc: "most objective evaluations one line search may spend",
     },
 ];
@@ -79,15 +80,12 @@ impl OptimizerFactory for LbfgsFactory {
     }
 
     fn build(&self, options: &mut Options<'_>) -> Box<dyn Optimizer> {
-        let d = LbfgsConfig::default();
+        let d = LbfgsConfig::DEFAULT;
+        let line_searches = LineSearch::ALL.map(|l| (l.name(), l));
         let config = LbfgsConfig {
             history: options.integer("history", d.history as u64, 1, 1000) as usize,
             lr: options.positive("lr", d.lr),
-            line_search: options.choice(
-                "line_search",
-                d.line_search,
-                &[("strong_wolfe", LineSearch::StrongWolfe), ("none", LineSearch::Fixed)],
-            ),
+            line_search: options.choice("line_search", d.line_search, &line_searches),
             tolerance_grad: options.non_negative("tolerance_grad", d.tolerance_grad),
             tolerance_change: options.non_negative("tolerance_change", d.tolerance_change),
             max_evals_per_step: options.integer("max_evals_per_step", d.max_evals_per_step as u64, 1, 1000)
@@ -104,6 +102,19 @@ pub enum LineSearch {
     StrongWolfe,
     /// A fixed step `lr` (the first iteration `min(1, 1 / |g|_1) * lr`), one evaluation.
     Fixed,
+}
+
+impl LineSearch {
+    /// Every rule, in the order an unknown name's error lists them.
+    pub const ALL: [LineSearch; 2] = [LineSearch::StrongWolfe, LineSearch::Fixed];
+
+    /// The rule's name in TOML.
+    pub const fn name(self) -> &'static str {
+        match self {
+            LineSearch::StrongWolfe => "strong_wolfe",
+            LineSearch::Fixed => "none",
+        }
+    }
 }
 
 /// L-BFGS settings.
@@ -123,16 +134,21 @@ pub struct LbfgsConfig {
     pub max_evals_per_step: usize,
 }
 
+impl LbfgsConfig {
+    /// The values a config that leaves them out gets, and `easel plugins` shows.
+    pub const DEFAULT: LbfgsConfig = LbfgsConfig {
+        history: 100,
+        lr: 1.0,
+        line_search: LineSearch::StrongWolfe,
+        tolerance_grad: 1e-7,
+        tolerance_change: 1e-9,
+        max_evals_per_step: 25,
+    };
+}
+
 impl Default for LbfgsConfig {
     fn default() -> Self {
-        Self {
-            history: 100,
-            lr: 1.0,
-            line_search: LineSearch::StrongWolfe,
-            tolerance_grad: 1e-7,
-            tolerance_change: 1e-9,
-            max_evals_per_step: 25,
-        }
+        Self::DEFAULT
     }
 }
 

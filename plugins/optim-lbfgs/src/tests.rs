@@ -3,38 +3,13 @@
 use super::*;
 use easel_core::candle_core::{Device, Tensor};
 use easel_core::toml::Table;
+use easel_testkit::Quadratic;
 
-/// f(x) = sum(a_i (x_i - c_i)^2), gradient 2 a (x - c); counts its evaluations.
-struct Quadratic {
-    a: Tensor,
-    c: Tensor,
-    evaluations: usize,
-}
-
-impl Quadratic {
-    /// Ten coordinates with curvatures from 0.5 to 10, in no particular order.
-    fn new() -> Self {
-        let a = [0.5f32, 3.0, 1.0, 7.0, 2.0, 10.0, 0.8, 4.0, 1.5, 6.0];
-        let c: Vec<f32> = (0..10).map(|i| 1.0 + 0.3 * (i as f32 - 4.5)).collect();
-        Self {
-            a: Tensor::new(&a, &Device::Cpu).unwrap(),
-            c: Tensor::new(c.as_slice(), &Device::Cpu).unwrap(),
-            evaluations: 0,
-        }
-    }
-
-    fn start(&self) -> Tensor {
-        self.c.zeros_like().unwrap()
-    }
-}
-
-impl Objective for Quadratic {
-    fn evaluate(&mut self, x: &Tensor) -> Result<(f64, Tensor), CoreError> {
-        self.evaluations += 1;
-        let diff = (x - &self.c)?;
-        let loss = (&self.a * diff.sqr()?)?.sum_all()?.to_scalar::<f32>()? as f64;
-        Ok((loss, (&self.a * diff)?.affine(2.0, 0.0)?))
-    }
+/// A quadratic in ten coordinates with curvatures from 0.5 to 10, in no particular order.
+fn quadratic() -> Quadratic {
+    let a = [0.5f32, 3.0, 1.0, 7.0, 2.0, 10.0, 0.8, 4.0, 1.5, 6.0];
+    let c: Vec<f32> = (0..10).map(|i| 1.0 + 0.3 * (i as f32 - 4.5)).collect();
+    Quadratic::with_curvatures(&a, &c)
 }
 
 /// f(x, y) = (1 - x)^2 + 100 (y - x^2)^2 on a tensor of shape [2]; minimum 0 at (1, 1).
@@ -64,8 +39,8 @@ fn bits(x: &Tensor) -> Vec<u32> {
 
 #[test]
 fn minimises_a_quadratic_in_twenty_iterations() {
-    let mut f = Quadratic::new();
-    let mut x = f.start();
+    let mut f = quadratic();
+    let mut x = f.origin();
     let mut opt = lbfgs(LbfgsConfig::default());
     let initial = opt.step(&mut x, &mut f).unwrap().loss;
     for _ in 1..20 {
@@ -77,12 +52,12 @@ fn minimises_a_quadratic_in_twenty_iterations() {
 
 #[test]
 fn step_reports_its_evaluations_and_the_starting_loss() {
-    let mut f = Quadratic::new();
-    let mut x = f.start();
+    let mut f = quadratic();
+    let mut x = f.origin();
     let mut opt = lbfgs(LbfgsConfig::default());
     let mut reported = 0;
     for _ in 0..5 {
-        let (before, _) = Quadratic::new().evaluate(&x).unwrap();
+        let (before, _) = quadratic().evaluate(&x).unwrap();
         let step = opt.step(&mut x, &mut f).unwrap();
         assert_eq!(step.loss, before);
         reported += step.evaluations;
@@ -107,8 +82,8 @@ fn solves_rosenbrock_from_the_classic_start() {
 
 #[test]
 fn fixed_steps_still_decrease_the_quadratic() {
-    let mut f = Quadratic::new();
-    let mut x = f.start();
+    let mut f = quadratic();
+    let mut x = f.origin();
     let config = LbfgsConfig { line_search: LineSearch::Fixed, lr: 0.5, ..LbfgsConfig::default() };
     let mut opt = lbfgs(config);
     let initial = opt.step(&mut x, &mut f).unwrap();
@@ -123,8 +98,8 @@ fn fixed_steps_still_decrease_the_quadratic() {
 
 #[test]
 fn restored_state_continues_bit_identically() {
-    let mut f = Quadratic::new();
-    let mut x = f.start();
+    let mut f = quadratic();
+    let mut x = f.origin();
     let config = LbfgsConfig { history: 2, ..LbfgsConfig::default() };
     let mut opt = lbfgs(config);
     for _ in 0..3 {
@@ -141,7 +116,7 @@ fn restored_state_continues_bit_identically() {
     let mut resumed = lbfgs(config);
     resumed.restore(&saved).unwrap();
     let mut y = x_saved;
-    let mut g = Quadratic::new();
+    let mut g = quadratic();
     let mut resumed_steps = Vec::new();
     for _ in 0..3 {
         resumed_steps.push(resumed.step(&mut y, &mut g).unwrap());
@@ -153,8 +128,8 @@ fn restored_state_continues_bit_identically() {
 
 #[test]
 fn reset_and_a_replaced_image_invalidate_the_cached_gradient() {
-    let mut f = Quadratic::new();
-    let mut x = f.start();
+    let mut f = quadratic();
+    let mut x = f.origin();
     let mut opt = lbfgs(LbfgsConfig::default());
     opt.step(&mut x, &mut f).unwrap();
 
@@ -181,17 +156,17 @@ fn reset_and_a_replaced_image_invalidate_the_cached_gradient() {
 
 #[test]
 fn reports_convergence_at_the_minimum_without_moving() {
-    let mut f = Quadratic::new();
-    let mut x = f.c.clone();
+    let mut f = quadratic();
+    let mut x = f.minimum().clone();
     let step = lbfgs(LbfgsConfig::default()).step(&mut x, &mut f).unwrap();
     assert_eq!(step, Step { loss: 0.0, evaluations: 1, converged: true });
-    assert_eq!(bits(&x), bits(&f.c));
+    assert_eq!(bits(&x), bits(f.minimum()));
 }
 
 #[test]
 fn state_of_another_shape_or_incomplete_is_rejected() {
-    let mut f = Quadratic::new();
-    let mut x = f.start();
+    let mut f = quadratic();
+    let mut x = f.origin();
     let mut opt = lbfgs(LbfgsConfig::default());
     opt.step(&mut x, &mut f).unwrap();
     opt.step(&mut x, &mut f).unwrap();
@@ -266,16 +241,25 @@ fn options_are_read_and_every_problem_reported_with_its_path() {
 #[test]
 fn documented_defaults_are_the_defaults() {
     let d = LbfgsConfig::default();
-    let documented: Vec<&str> = OPTIONS.iter().map(|o| o.default).collect();
-    let numbers =
-        [d.history as f64, d.lr, f64::NAN, d.tolerance_grad, d.tolerance_change, d.max_evals_per_step as f64];
-    for (i, (text, value)) in documented.iter().zip(numbers).enumerate() {
-        if i == 2 {
-            assert_eq!(*text, "strong_wolfe");
-            assert_eq!(d.line_search, LineSearch::StrongWolfe);
-        } else {
-            assert_eq!(text.parse::<f64>().unwrap(), value, "{}", OPTIONS[i].key);
-        }
+    let documented: Vec<_> = OPTIONS.iter().map(|o| (o.key, o.default)).collect();
+    assert_eq!(
+        documented,
+        [
+            ("history", OptionDefault::Integer(d.history as u64)),
+            ("lr", OptionDefault::Number(d.lr)),
+            ("line_search", OptionDefault::Name("strong_wolfe")),
+            ("tolerance_grad", OptionDefault::Number(d.tolerance_grad)),
+            ("tolerance_change", OptionDefault::Number(d.tolerance_change)),
+            ("max_evals_per_step", OptionDefault::Integer(d.max_evals_per_step as u64)),
+        ]
+    );
+    assert_eq!(d.line_search, LineSearch::StrongWolfe);
+    // Every rule is chosen by its own name.
+    for rule in LineSearch::ALL {
+        let table: Table = format!("line_search = \"{}\"", rule.name()).parse().unwrap();
+        let mut options = Options::new(&table, "optimizer");
+        let _ = LbfgsFactory.build(&mut options);
+        assert!(options.finish().is_empty(), "{rule:?}");
     }
     assert_eq!(LbfgsFactory.name(), "lbfgs");
 }

@@ -1,10 +1,9 @@
-//! What the engine's integration tests share: the test data, synthetic weights (written once
-//! per test binary) and a registry with every plugin they use.
+//! What the engine's integration tests share: the test data and synthetic weights (written once
+//! per test binary). Their plugins come from `easel_plugins::builtin`.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use easel_core::Registry;
 use easel_vgg::WeightsFile;
 
 /// A file of the project's test data (`tests/data`).
@@ -23,14 +22,4 @@ pub fn weights() -> &'static WeightsFile {
             (dir, WeightsFile::open(&path).expect("synthetic weights open"))
         })
         .1
-}
-
-/// The content, Gram and TV losses and the Adam and L-BFGS optimisers.
-pub fn registry() -> Registry {
-    Registry::new()
-        .with_loss(&easel_loss_content::ContentFactory)
-        .with_loss(&easel_loss_gram::GramFactory)
-        .with_loss(&easel_loss_tv::TvFactory)
-        .with_optimizer(&easel_optim_adam::AdamFactory)
-        .with_optimizer(&easel_optim_lbfgs::LbfgsFactory)
 }
