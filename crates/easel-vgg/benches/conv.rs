@@ -13,6 +13,7 @@ use measure::cpu_seconds;
 
 use candle_core::{Device, Tensor};
 
+use easel_testkit::Rng;
 use easel_vgg::conv_bench::{self, Pass};
 
 /// (name, c_in, c_out, downsampling) of every conv up to conv5_1.
@@ -34,16 +35,6 @@ fn repeats(name: &str) -> usize {
         "conv3_2" | "conv4_2" => 3,
         _ => 1,
     }
-}
-
-fn noise(n: usize, seed: u64) -> Vec<f32> {
-    let mut z = seed;
-    (0..n)
-        .map(|_| {
-            z = z.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
 }
 
 /// Median wall seconds of `reps` runs of `f` after one warm-up run, and the mean CPU
@@ -77,8 +68,8 @@ fn gemm_ceiling(reps: usize) -> candle_core::Result<()> {
         (512, 768, 4608),
         (3, 1024, 576),
     ] {
-        let lhs = noise(m * k, 1);
-        let rhs = noise(k * n, 2);
+        let lhs = Rng::new(1).uniform_vec(m * k);
+        let rhs = Rng::new(2).uniform_vec(k * n);
         let mut dst = vec![0f32; m * n];
         let gflop = 2.0 * (m * n * k) as f64 / 1e9;
         let mut run =
@@ -156,10 +147,10 @@ fn main() -> candle_core::Result<()> {
     for &(name, c_in, c_out, down) in LAYERS {
         let (h, w) = (h0 / down, w0 / down);
         let (fwd, grad) = ((c_in, c_out, h, w), (c_out, c_in, h, w));
-        let x = noise(c_in * h * w, 1);
-        let g = noise(c_out * h * w, 2);
-        let k = noise(c_out * c_in * 9, 3);
-        let b = noise(c_out, 4);
+        let x = Rng::new(1).uniform_vec(c_in * h * w);
+        let g = Rng::new(2).uniform_vec(c_out * h * w);
+        let k = Rng::new(3).uniform_vec(c_out * c_in * 9);
+        let b = Rng::new(4).uniform_vec(c_out);
         let gflop = 18.0 * (c_in * c_out * h * w) as f64 / 1e9;
         let rate = |(wall, cpu): (f64, f64)| format!("{:.0}/{:.0}", gflop / wall, gflop / cpu.max(1e-9));
         let n = repeats(name) as f64;

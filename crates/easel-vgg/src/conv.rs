@@ -194,7 +194,7 @@ fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::noise::noise;
+    use easel_testkit::Rng;
 
     fn algo(winograd: bool) -> Algo<'static> {
         if winograd {
@@ -206,8 +206,12 @@ mod tests {
 
     fn random(shape: (usize, usize, usize, usize), seed: u64) -> Tensor {
         let n = shape.0 * shape.1 * shape.2 * shape.3;
-        Tensor::from_vec(noise(n, seed.wrapping_add(0x9E37_79B9_7F4A_7C15)), shape, &Device::Cpu)
-            .expect("shape matches")
+        Tensor::from_vec(
+            Rng::new(seed.wrapping_add(0x9E37_79B9_7F4A_7C15)).uniform_vec(n),
+            shape,
+            &Device::Cpu,
+        )
+        .expect("shape matches")
     }
 
     /// Largest |a - b| over the largest |b|: a relative error that ignores cancellations.

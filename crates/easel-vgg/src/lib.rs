@@ -17,8 +17,6 @@ mod conv;
 mod cpu_tensor;
 mod error;
 mod model;
-#[cfg(test)]
-mod noise;
 mod pool;
 mod relu_mask;
 mod simd;

@@ -160,17 +160,21 @@ pub(crate) fn relu_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::noise::noise;
+    use easel_testkit::Rng;
 
     #[test]
     fn apply_matches_a_per_element_reference() {
         let n = 64 * 7 + 5;
-        let mask: Vec<f32> = noise(n, 11);
+        let mask: Vec<f32> = Rng::new(11).uniform_vec(n);
         let bits = positive_bits(&mask);
-        let add = noise(n, 12);
+        let add = Rng::new(12).uniform_vec(n);
         // -0.0 must stay -0.0 where the mask is open and nothing is added.
-        let grad: Vec<f32> =
-            noise(n, 13).into_iter().enumerate().map(|(i, v)| if i % 5 == 0 { -0.0 } else { v }).collect();
+        let grad: Vec<f32> = Rng::new(13)
+            .uniform_vec(n)
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| if i % 5 == 0 { -0.0 } else { v })
+            .collect();
         for (first, len) in [(0, n), (3, 61), (3, 200), (64, 128), (70, n - 70), (n - 1, 1), (5, 0)] {
             for with_add in [false, true] {
                 let mut got = grad[first..first + len].to_vec();
@@ -189,14 +193,14 @@ mod tests {
     #[test]
     fn every_vector_unit_gives_the_same_bits() {
         let n = 64 * 9 + 17;
-        let (values, add) = (noise(n, 21), noise(n, 22));
+        let (values, add) = (Rng::new(21).uniform_vec(n), Rng::new(22).uniform_vec(n));
         let bits = positive_bits(&values);
         let runs: Vec<(Vec<u64>, Vec<u32>)> = [simd::Level::Baseline, simd::Level::Avx2, simd::Level::Avx512]
             .into_iter()
             .filter_map(|level| {
                 let mut words = vec![0u64; n.div_ceil(64)];
                 simd::at(level, PackBits { words: &mut words, values: &values })?;
-                let mut out = noise(n, 23);
+                let mut out = Rng::new(23).uniform_vec(n);
                 simd::at(
                     level,
                     ApplyMask { bits: &bits, values: &mut out[3..], add: Some(&add[3..]), first: 3 },
@@ -212,7 +216,8 @@ mod tests {
     fn positive_bits_mark_the_values_above_zero() {
         // Several tasks, and lengths that end mid-word.
         for n in [0, 1, 63, 64, 65, 64 * 1024 * 2 + 5] {
-            let values: Vec<f32> = noise(n, n as u64)
+            let values: Vec<f32> = Rng::new(n as u64)
+                .uniform_vec(n)
                 .into_iter()
                 .enumerate()
                 .map(|(i, v)| match i % 7 {

@@ -267,7 +267,7 @@ fn shifted_row(plane: &[f32], h: usize, w: usize, iy: isize, x0: usize, kx: usiz
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::noise::noise;
+    use easel_testkit::Rng;
 
     /// Straightforward direct convolution plus bias in f64: the reference of the kernels'
     /// tests (`kernel` is `[c_out, c_in, 3, 3]`).
@@ -305,9 +305,9 @@ pub(crate) mod tests {
             &[(3, 8, 5, 7), (1, 1, 1, 1), (4, 3, 1, 9), (5, 6, 9, 1), (16, 32, 13, 11), (2, 2, 2, 2)]
         {
             let s = Conv3x3 { c_in, c_out, height, width };
-            let input = noise(c_in * height * width, 1);
-            let kernel = noise(c_out * c_in * 9, 2);
-            let bias = noise(c_out, 3);
+            let input = Rng::new(1).uniform_vec(c_in * height * width);
+            let kernel = Rng::new(2).uniform_vec(c_out * c_in * 9);
+            let bias = Rng::new(3).uniform_vec(c_out);
             let want: Vec<f32> = direct(&s, &input, &kernel, &bias).iter().map(|&v| v as f32).collect();
             let got = s.run(&input, Filter::Plain(&kernel), Epilogue::Bias(&bias));
             for (g, w) in got.iter().zip(&want) {

@@ -213,15 +213,16 @@ fn row_blocks(tile: Tile, s: &Conv3x3, threads: usize) -> Vec<Range<usize>> {
 mod tests {
     use super::*;
     use crate::conv::direct::tests::direct;
-    use crate::noise::noise;
     use crate::relu_mask::ReluMask;
+    use easel_testkit::Rng;
 
     /// Relative L2 error of `got` against `want`, and the same for the direct path.
     fn errors(tile: Tile, s: &Conv3x3, seed: u64) -> (f64, f64) {
-        let input = noise(s.c_in * s.height * s.width, seed);
+        let input = Rng::new(seed).uniform_vec(s.c_in * s.height * s.width);
         let scale = (2.0 / (9.0 * s.c_in as f32)).sqrt();
-        let kernel: Vec<f32> = noise(s.c_out * s.c_in * 9, seed + 1).iter().map(|k| k * scale).collect();
-        let bias = noise(s.c_out, seed + 2);
+        let kernel: Vec<f32> =
+            Rng::new(seed + 1).uniform_vec(s.c_out * s.c_in * 9).iter().map(|k| k * scale).collect();
+        let bias = Rng::new(seed + 2).uniform_vec(s.c_out);
         let want = direct(s, &input, &kernel, &bias);
         let l2 = |got: &[f32]| {
             let (mut d, mut n) = (0f64, 0f64);
@@ -281,13 +282,16 @@ mod tests {
     fn epilogues_match_the_direct_path() {
         let s = Conv3x3 { c_in: 32, c_out: 24, height: 11, width: 10 };
         let p = s.height * s.width;
-        let input = noise(s.c_in * p, 1);
-        let kernel = noise(s.c_out * s.c_in * 9, 2);
-        let bias = noise(s.c_out, 3);
-        let add = noise(s.c_out * p, 4);
-        let mask_values =
-            candle_core::Tensor::from_vec(noise(s.c_out * p, 5), s.c_out * p, &candle_core::Device::Cpu)
-                .expect("shape matches");
+        let input = Rng::new(1).uniform_vec(s.c_in * p);
+        let kernel = Rng::new(2).uniform_vec(s.c_out * s.c_in * 9);
+        let bias = Rng::new(3).uniform_vec(s.c_out);
+        let add = Rng::new(4).uniform_vec(s.c_out * p);
+        let mask_values = candle_core::Tensor::from_vec(
+            Rng::new(5).uniform_vec(s.c_out * p),
+            s.c_out * p,
+            &candle_core::Device::Cpu,
+        )
+        .expect("shape matches");
         let mask = ReluMask::of(&mask_values).expect("a CPU tensor");
         let mask = mask.covering(s.c_out * p, "the output").expect("as large");
         for tile in [Tile::F2, Tile::F4] {
@@ -314,9 +318,9 @@ mod tests {
     fn f2_gradient_reads_the_forward_kernel() {
         let forward = Conv3x3 { c_in: 20, c_out: 24, height: 13, width: 40 };
         let gradient = Conv3x3 { c_in: 24, c_out: 20, ..forward };
-        let x = noise(forward.c_in * forward.height * forward.width, 8);
-        let g = noise(gradient.c_in * gradient.height * gradient.width, 9);
-        let weight = noise(forward.c_out * forward.c_in * 9, 10);
+        let x = Rng::new(8).uniform_vec(forward.c_in * forward.height * forward.width);
+        let g = Rng::new(9).uniform_vec(gradient.c_in * gradient.height * gradient.width);
+        let weight = Rng::new(10).uniform_vec(forward.c_out * forward.c_in * 9);
         let cache = KernelCache::new(1 << 20);
         let grad = |cache| run(Tile::F2, &gradient, &g, Filter::FlippedOf(&weight), Epilogue::None, cache);
         let own = grad(None);

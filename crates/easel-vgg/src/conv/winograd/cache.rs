@@ -80,15 +80,15 @@ mod tests {
     use super::*;
     use crate::conv::epilogue::Epilogue;
     use crate::conv::winograd::run;
-    use crate::noise::noise;
+    use easel_testkit::Rng;
 
     /// A kept kernel gives the same bits as one transformed per call, is transformed once
     /// per (convolution, direction, tile), and nothing is kept past the budget.
     #[test]
     fn kernel_cache_keeps_what_fits_and_changes_no_bits() {
         let s = Conv3x3 { c_in: 24, c_out: 20, height: 13, width: 40 };
-        let input = noise(s.c_in * s.height * s.width, 6);
-        let kernel = noise(s.c_out * s.c_in * 9, 7);
+        let input = Rng::new(6).uniform_vec(s.c_in * s.height * s.width);
+        let kernel = Rng::new(7).uniform_vec(s.c_out * s.c_in * 9);
         let bytes = |tile: Tile| s.c_out * tile.n() * tile.n() * s.c_in * 4;
         let cache = KernelCache::new(bytes(Tile::F4) + bytes(Tile::F2));
         let run_with = |tile, filter, cache| run(tile, &s, &input, filter, Epilogue::None, cache);

@@ -485,7 +485,7 @@ fn transform_output(tile: Tile, s: &Conv3x3, p: &[f32], rows: Range<usize>, out:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::noise::noise;
+    use easel_testkit::Rng;
 
     const LEVELS: [simd::Level; 3] = [simd::Level::Baseline, simd::Level::Avx2, simd::Level::Avx512];
 
@@ -504,8 +504,8 @@ mod tests {
     #[test]
     fn every_vector_unit_gives_the_same_bits() {
         let s = Conv3x3 { c_in: 24, c_out: 20, height: 13, width: 150 };
-        let input = noise(s.c_in * s.height * s.width, 3);
-        let kernel = noise(s.c_out * s.c_in * 9, 4);
+        let input = Rng::new(3).uniform_vec(s.c_in * s.height * s.width);
+        let kernel = Rng::new(4).uniform_vec(s.c_out * s.c_in * 9);
         for tile in [Tile::F2, Tile::F4] {
             let (m, nn) = (tile.m(), tile.n() * tile.n());
             let rows = 0..s.height.div_ceil(m);
@@ -519,7 +519,7 @@ mod tests {
                 Some(v)
             });
             assert!(inputs.windows(2).all(|p| p[0] == p[1]), "{tile:?}: the input transforms differ");
-            let products = noise(nn * plane_len(s.c_out, tiles), 5);
+            let products = Rng::new(5).uniform_vec(nn * plane_len(s.c_out, tiles));
             let outputs = at_every_level(|level| {
                 let mut out = vec![0f32; s.c_out * s.height * s.width];
                 let mut planes: Vec<&mut [f32]> = out.chunks_mut(s.height * s.width).collect();
