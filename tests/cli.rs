@@ -297,6 +297,18 @@ fn a_corrupt_image_fails() {
 }
 
 #[test]
+fn a_truncated_jpeg_fails_naming_the_file() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let photo =
+        image::open(data("content.png")).expect("decodes").resize(400, 400, image::imageops::Lanczos3);
+    let whole = dir.path().join("whole.jpg");
+    photo.to_rgb8().save(&whole).expect("save jpeg");
+    let bytes = std::fs::read(&whole).expect("read");
+    let (_dir, half) = temp_file("half.jpg", &bytes[..bytes.len() / 2]);
+    assert_run_fails(&half, synth_weights(), &[], "half.jpg: truncated JPEG");
+}
+
+#[test]
 fn a_text_file_named_png_fails() {
     let (_dir, text) = temp_file("notes.png", b"these are my holiday notes, not a picture\n");
     assert_run_fails(&text, synth_weights(), &[], "notes.png: cannot decode image");
