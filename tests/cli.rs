@@ -2,7 +2,7 @@
 //! weights, the JSON commands, weights tools, and every kind of bad input.
 
 use std::io::{Read, Write};
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -518,4 +518,199 @@ fn easel_tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
         .collect();
     out.sort();
     out
+}
+
+/// A loopback HTTP server: `answer(n, stream, request_head)` handles the n-th connection.
+fn http_server(answer: impl Fn(usize, TcpStream, String) + Send + 'static) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for (n, stream) in listener.incoming().enumerate() {
+            let Ok(mut stream) = stream else { continue };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).map(|k| k == 1).unwrap_or(false) {
+                head.push(byte[0]);
+            }
+            answer(n, stream, String::from_utf8_lossy(&head).to_ascii_lowercase());
+        }
+    });
+    format!("http://{addr}/vgg19.safetensors")
+}
+
+/// Runs `cmd` to its end, killing it (and failing the test) if it is still running after
+/// `limit_s`: a fetch that never gives up must not hang the test suite.
+fn output_within(cmd: &mut Command, limit_s: u64) -> Output {
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("easel starts");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(limit_s);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!("still running after {limit_s} s; stderr:\n{}", stderr(&out));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    child.wait_with_output().expect("output")
+}
+
+/// The failure message of a fetch names the URL once and says how to do without it.
+fn assert_network_failure(out: &Output, url: &str) {
+    let text = stderr(out);
+    assert!(!out.status.success(), "{text}");
+    assert_eq!(text.matches(url).count(), 1, "the URL once:\n{text}");
+    assert!(text.contains("easel weights convert") && text.contains("easel weights synth"), "{text}");
+}
+
+#[test]
+fn weights_fetch_gives_up_on_a_silent_server_and_leaves_no_folder() {
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    // Accepts, reads the request, and never answers (the connection stays open).
+    let url = http_server(move |_, stream, _| keep.lock().expect("lock").push(stream));
+    let dir = tempfile::tempdir().expect("tmp");
+    let dest = dir.path().join("new/models/vgg19.safetensors");
+    let out = output_within(
+        easel().args(["weights", "fetch", "--url", &url, "--timeout", "2", "--out"]).arg(&dest),
+        120,
+    );
+    assert_network_failure(&out, &url);
+    assert!(stderr(&out).to_lowercase().contains("timed out"), "{}", stderr(&out));
+    assert!(!dir.path().join("new").exists(), "no folder left behind");
+    assert_eq!(held.lock().expect("lock").len(), 1, "it did connect");
+
+    // Nobody listening at all: refused at once, same message shape, nothing left.
+    let port = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let url = format!("http://127.0.0.1:{port}/vgg19.safetensors");
+    let out = output_within(easel().args(["weights", "fetch", "--url", &url, "--out"]).arg(&dest), 120);
+    assert_network_failure(&out, &url);
+    let left: Vec<_> =
+        std::fs::read_dir(dir.path()).expect("ls").map(|e| e.expect("e").file_name()).collect();
+    assert!(left.is_empty(), "nothing left behind: {left:?}");
+}
+
+#[test]
+fn weights_fetch_rejects_a_malformed_sha256_before_connecting() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let url = format!("http://{}/vgg19.safetensors", listener.local_addr().expect("addr"));
+    let dir = tempfile::tempdir().expect("tmp");
+    let dest = dir.path().join("models/vgg19.safetensors");
+    for bad in ["00ff", &"g".repeat(64), &"a".repeat(65)] {
+        let out = output_within(
+            easel().args(["weights", "fetch", "--url", &url, "--sha256", bad, "--out"]).arg(&dest),
+            120,
+        );
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains("--sha256: expected 64 hex digits"), "{}", stderr(&out));
+    }
+    listener.set_nonblocking(true).expect("nonblocking");
+    assert!(
+        matches!(listener.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "no connection was made"
+    );
+    assert!(!dir.path().join("models").exists(), "no folder made");
+}
+
+/// A server that cuts its first answer halfway and then answers the next request with
+/// `second(range_header, body)`.
+fn cut_then(
+    body: Vec<u8>,
+    second: fn(Option<&str>, &[u8]) -> Vec<u8>,
+) -> (String, std::sync::mpsc::Receiver<String>) {
+    let (heads, seen) = std::sync::mpsc::channel();
+    let url = http_server(move |n, mut stream, head| {
+        let _ = heads.send(head.clone());
+        let reply = if n == 0 {
+            let mut reply =
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())
+                    .into_bytes();
+            reply.extend_from_slice(&body[..body.len() / 2]);
+            reply
+        } else {
+            let range = head.lines().find_map(|l| l.strip_prefix("range: ")).map(str::trim);
+            second(range, &body)
+        };
+        let _ = stream.write_all(&reply);
+    });
+    (url, seen)
+}
+
+#[test]
+fn weights_fetch_resumes_a_cut_download_with_a_range_request() {
+    use sha2::Digest;
+    let body = std::fs::read(synth_weights()).expect("read");
+    let sha = format!("{:x}", sha2::Sha256::digest(&body));
+    let half = body.len() / 2;
+    let (url, seen) = cut_then(body.clone(), |range, body| {
+        let start: usize = range
+            .and_then(|r| r.strip_prefix("bytes="))
+            .and_then(|r| r.strip_suffix('-'))
+            .and_then(|r| r.parse().ok())
+            .expect("a Range request");
+        let mut reply = format!(
+            "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {start}-{}/{}\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n",
+            body.len() - 1,
+            body.len(),
+            body.len() - start
+        )
+        .into_bytes();
+        reply.extend_from_slice(&body[start..]);
+        reply
+    });
+    let dir = tempfile::tempdir().expect("tmp");
+    let dest = dir.path().join("models/vgg19.safetensors");
+    let fetch = || {
+        output_within(
+            easel()
+                .args(["weights", "fetch", "--url", &url, "--sha256", &sha, "--timeout", "5", "--out"])
+                .arg(&dest),
+            120,
+        )
+    };
+    let first = fetch();
+    assert_network_failure(&first, &url);
+    assert!(stderr(&first).contains(&format!("{half} bytes are kept")), "{}", stderr(&first));
+    assert!(!dest.exists());
+    let second = fetch();
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert!(
+        stderr(&second).contains(&format!("resuming the download at byte {half}")),
+        "{}",
+        stderr(&second)
+    );
+    assert_eq!(std::fs::read(&dest).expect("installed"), body, "the sha256 was checked too");
+    let heads: Vec<String> = seen.try_iter().collect();
+    assert_eq!(heads.len(), 2);
+    assert!(!heads[0].contains("range:"), "{}", heads[0]);
+    assert!(heads[1].contains(&format!("range: bytes={half}-")), "{}", heads[1]);
+    let names: Vec<_> = std::fs::read_dir(dest.parent().expect("dir"))
+        .expect("ls")
+        .map(|e| e.expect("e").file_name())
+        .collect();
+    assert_eq!(names, ["vgg19.safetensors"], "no .part left");
+}
+
+#[test]
+fn weights_fetch_starts_over_when_the_server_ignores_the_range() {
+    let body = std::fs::read(synth_weights()).expect("read");
+    let (url, _seen) = cut_then(body.clone(), |_, body| {
+        let mut reply =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())
+                .into_bytes();
+        reply.extend_from_slice(body);
+        reply
+    });
+    let dir = tempfile::tempdir().expect("tmp");
+    let dest = dir.path().join("vgg19.safetensors");
+    let fetch = || output_within(easel().args(["weights", "fetch", "--url", &url, "--out"]).arg(&dest), 120);
+    assert!(!fetch().status.success());
+    let second = fetch();
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert!(!stderr(&second).contains("resuming"), "{}", stderr(&second));
+    assert_eq!(std::fs::read(&dest).expect("installed"), body);
 }
