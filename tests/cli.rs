@@ -152,6 +152,126 @@ fn eval_reports_each_loss_as_json() {
 }
 
 #[test]
+fn eval_without_json_prints_a_table_with_each_share() {
+    let out = sample_job(&["eval"]).args(["--size", "64"]).output().expect("runs");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(serde_json::from_str::<serde_json::Value>(&text).is_err(), "not JSON:\n{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 5, "header, three losses, total:\n{text}");
+    let header: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(header, ["loss", "value", "weight", "share", "grad", "norm"], "{text}");
+    let json = sample_job(&["eval"]).args(["--size", "64", "--json"]).output().expect("runs");
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("one JSON object");
+    let total = v["total"].as_f64().expect("total");
+    let mut shares = 0.0;
+    for (line, l) in lines[1..4].iter().zip(v["losses"].as_array().expect("losses")) {
+        let cells: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(cells[0], l["type"].as_str().expect("type"), "{text}");
+        let number = |i: usize| cells[i].trim_end_matches('%').parse::<f64>().expect("a number");
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-3 * b.abs();
+        assert!(close(number(1), l["value"].as_f64().expect("value")), "{line} vs {l}");
+        assert!(close(number(2), l["weight"].as_f64().expect("weight")), "{line} vs {l}");
+        assert!(close(number(4), l["grad_l2"].as_f64().expect("grad_l2")), "{line} vs {l}");
+        let share = 100.0 * l["weight"].as_f64().expect("w") * l["value"].as_f64().expect("v") / total;
+        assert!((number(3) - share).abs() <= 0.051, "{line}: share {share}");
+        shares += number(3);
+    }
+    assert!((shares - 100.0).abs() <= 0.2, "shares add up to 100%: {shares}");
+    assert!(lines[4].starts_with("total"), "{text}");
+}
+
+#[test]
+fn logs_to_a_pipe_have_no_colour_codes() {
+    let dir = tempfile::tempdir().expect("tmp");
+    // A content image with alpha, so that the run logs at info level (and -v at debug).
+    let rgba = dir.path().join("cut-out.png");
+    image::RgbaImage::from_fn(40, 30, |x, y| image::Rgba([(x * 6) as u8, (y * 8) as u8, 90, (x * 6) as u8]))
+        .save(&rgba)
+        .expect("save");
+    // stderr is a pipe here; NO_COLOR is left unset, so only the terminal check can hold it.
+    let out = easel()
+        .env_remove("NO_COLOR")
+        .args(["-v", "run", "--content"])
+        .arg(&rgba)
+        .arg("--style")
+        .arg(data("style.png"))
+        .arg("--weights")
+        .arg(synth_weights())
+        .arg("--out")
+        .arg(dir.path().join("p.png"))
+        .args(["--size", "32", "--iterations", "2"])
+        .output()
+        .expect("runs");
+    let text = stderr(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("INFO") && text.contains("DEBUG"), "log lines at info and debug:\n{text}");
+    assert!(text.contains("transparent parts are painted as white"), "{text}");
+    assert!(!out.stderr.contains(&0x1b), "an ESC byte in:\n{text:?}");
+}
+
+#[test]
+fn weights_help_texts_explain_synth_and_inspect() {
+    let help = |args: &[&str]| {
+        let out = easel().args(args).arg("--help").output().expect("runs");
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let synth = help(&["weights", "synth"]);
+    assert!(!synth.contains("DESIGN.md"), "{synth}");
+    assert!(synth.contains("splitmix64") && synth.contains("README"), "{synth}");
+    assert!(
+        synth.contains("--seed <SEED>") && synth.contains("the same seed always gives the same file"),
+        "{synth}"
+    );
+    assert!(synth.contains("--out <FILE>") && synth.contains("The safetensors file to write"), "{synth}");
+    let inspect = help(&["weights", "inspect"]);
+    assert!(inspect.contains("<FILE>") && inspect.contains("The safetensors file to check"), "{inspect}");
+    let weights = help(&["weights"]);
+    assert!(!weights.contains("DESIGN.md"), "{weights}");
+}
+
+#[test]
+fn config_show_follows_the_order_of_the_defaults() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mine = dir.path().join("mine.toml");
+    std::fs::write(&mine, "[daemon]\nworkers = 2\n[run]\nsize = 256\n").expect("write");
+    let out = easel().args(["config", "show"]).arg(&mine).output().expect("runs");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let headers: Vec<&str> = text.lines().filter(|l| l.starts_with('[')).collect();
+    assert_eq!(
+        headers,
+        [
+            "[run]",
+            "[model]",
+            "[limits]",
+            "[output]",
+            "[daemon]",
+            "[optimizer]",
+            "[[loss]]",
+            "[[loss]]",
+            "[[loss]]"
+        ],
+        "{text}"
+    );
+    // Keys too: size before iterations in [run], type first in each [[loss]].
+    let run = &text[text.find("[run]").expect("run")..text.find("[model]").expect("model")];
+    assert!(
+        run.find("size = 256").expect("size") < run.find("iterations = 500").expect("iterations"),
+        "{run}"
+    );
+    assert!(text.contains("workers = 2"), "{text}");
+    let loss = &text[text.find("[[loss]]").expect("loss")..];
+    assert!(loss.lines().nth(1).expect("a key").starts_with("type = "), "{loss}");
+    // What is printed is a config that gives the same plan.
+    let shown = dir.path().join("shown.toml");
+    std::fs::write(&shown, &text).expect("write");
+    let again = easel().args(["config", "show"]).arg(&shown).output().expect("runs");
+    assert_eq!(String::from_utf8_lossy(&again.stdout), text);
+}
+
+#[test]
 fn bench_prints_timings_and_memory_as_json() {
     let out = sample_job(&["--threads", "2", "bench"])
         .args(["--size", "64", "--iterations", "3", "--optimizer", "adam", "--json"])
@@ -446,13 +566,14 @@ fn weights_fetch_downloads_checks_and_installs() {
 
     let url = serve(body.clone(), "200 OK", 1);
     let wrong = dir.path().join("wrong.safetensors");
+    let other_sha = "00ff".repeat(16);
     let out = easel()
-        .args(["weights", "fetch", "--url", &url, "--sha256", "00ff", "--out"])
+        .args(["weights", "fetch", "--url", &url, "--sha256", &other_sha, "--out"])
         .arg(&wrong)
         .output()
         .expect("runs");
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("expected 00ff"), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("expected {other_sha}")), "{}", stderr(&out));
     assert!(!wrong.exists());
 
     let url = serve(b"not found".to_vec(), "404 Not Found", 1);

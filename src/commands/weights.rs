@@ -15,15 +15,24 @@ pub const DEFAULT_URL: &str = "https://huggingface.co/timm/vgg19.tv_in1k/resolve
 
 #[derive(Subcommand)]
 pub enum WeightsCommand {
-    /// Write the deterministic synthetic weights of DESIGN.md (for tests; texture-like results).
+    /// Write synthetic VGG-19 weights: every convolution filled with deterministic splitmix64
+    /// pseudo-random values (He-uniform scale), bit-identical on any machine; see README.
+    ///
+    /// They need no download and make tests reproducible, but paint textures, not styles:
+    /// real results need ImageNet-trained weights (`easel weights fetch` or `convert`).
     Synth {
+        /// Seed of the values: the same seed always gives the same file.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// The safetensors file to write.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
     /// List a file's tensors and say whether it is a usable VGG-19.
-    Inspect { file: PathBuf },
+    Inspect {
+        /// The safetensors file to check.
+        file: PathBuf,
+    },
     /// Convert a PyTorch state dict (torchvision's vgg19-dcbb9e9d.pth) to safetensors.
     Convert {
         /// The .pth file (a zip archive written by torch.save).
