@@ -239,6 +239,12 @@ fn config_show_follows_the_order_of_the_defaults() {
     let out = easel().args(["config", "show"]).arg(&mine).output().expect("runs");
     assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.starts_with("[run]\n"), "{text}");
+    // Each table after a blank line.
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate().skip(1).filter(|(_, l)| l.starts_with('[')) {
+        assert_eq!(lines[i - 1], "", "no blank line before {line}:\n{text}");
+    }
     let headers: Vec<&str> = text.lines().filter(|l| l.starts_with('[')).collect();
     assert_eq!(
         headers,
@@ -425,7 +431,7 @@ fn a_truncated_jpeg_fails_naming_the_file() {
     photo.to_rgb8().save(&whole).expect("save jpeg");
     let bytes = std::fs::read(&whole).expect("read");
     let (_dir, half) = temp_file("half.jpg", &bytes[..bytes.len() / 2]);
-    assert_run_fails(&half, synth_weights(), &[], "half.jpg: truncated JPEG");
+    assert_run_fails(&half, synth_weights(), &[], "half.jpg: cannot decode image: truncated JPEG");
 }
 
 #[test]

@@ -91,6 +91,7 @@ fn in_default_order(table: &toml::Table) -> Result<String> {
     let sort = |t: &mut toml_edit::Table, keys: &[String], position: usize| {
         // The document is written in order of position; the root holds position 0.
         t.set_position(position + 1);
+        t.decor_mut().set_prefix(if position == 0 { "" } else { "\n" });
         t.sort_values_by(|a, _, b, _| rank(keys, a).cmp(&rank(keys, b)));
     };
     let mut tops: Vec<(String, usize)> = doc.iter().map(|(k, _)| (k.to_string(), rank(&order, k))).collect();

@@ -47,7 +47,8 @@ pub fn load_image(path: &Path, limits: &Limits) -> Result<RgbImage, EngineError>
         // The JPEG decoder pads a cut-off scan with grey and reports success, so a file cut
         // short in transit would be painted as if it were whole.
         let bytes = std::fs::read(path).map_err(|e| image_error(path, e.to_string()))?;
-        check_jpeg_complete(&bytes).map_err(|reason| image_error(path, reason))?;
+        check_jpeg_complete(&bytes)
+            .map_err(|reason| image_error(path, format!("cannot decode image: {reason}")))?;
     }
     let (w, h) =
         reader.into_dimensions().map_err(|e| image_error(path, format!("cannot decode image: {e}")))?;
@@ -93,14 +94,14 @@ fn over_white(rgba: &image::Rgba32FImage) -> RgbImage {
 }
 
 /// Walks a JPEG's marker segments from SOI and succeeds only if it reaches the EOI marker
-/// (FF D9) after the image data.
+/// (FF D9) after the image data. Data without the SOI marker is left to the decoder to refuse.
 ///
 /// Segments are skipped by their lengths, so an EXIF thumbnail's own EOI inside APP1 does not
 /// count, and whatever follows the EOI (the video of a "motion photo", padding) is allowed.
 fn check_jpeg_complete(bytes: &[u8]) -> Result<(), String> {
     const TRUNCATED: &str = "truncated JPEG: the data ends before its end-of-image marker (FF D9)";
-    if bytes.len() < 2 || bytes[0] != 0xFF || bytes[1] != 0xD8 {
-        return Err("not a JPEG: no start-of-image marker (FF D8)".to_string());
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return Ok(());
     }
     let mut pos = 2;
     loop {
@@ -279,7 +280,7 @@ mod tests {
         for cut in [jpeg.len() / 2, jpeg.len() - 2, jpeg.len() - 1, 700] {
             let path = written(dir.path(), "cut.jpg", &jpeg[..cut]);
             let err = load_image(&path, &limits()).expect_err("a cut JPEG fails").to_string();
-            assert!(err.contains("cut.jpg: truncated JPEG"), "cut at {cut}: {err}");
+            assert!(err.contains("cut.jpg: cannot decode image: truncated JPEG"), "cut at {cut}: {err}");
             assert!(err.contains("FF D9"), "{err}");
         }
     }
