@@ -210,6 +210,62 @@ fn logs_to_a_pipe_have_no_colour_codes() {
     assert!(!out.stderr.contains(&0x1b), "an ESC byte in:\n{text:?}");
 }
 
+/// Runs the binary with `args` on a pseudo-terminal (stdin, stdout and stderr), as a user at
+/// a terminal would, and returns all it wrote there.
+fn on_a_terminal(args: &[&std::ffi::OsStr], no_color: Option<&str>) -> Vec<u8> {
+    const PTY: &str = "import os, pty, sys\n\
+        pid, fd = pty.fork()\n\
+        if pid == 0:\n    os.execv(sys.argv[1], sys.argv[1:])\n\
+        out = b''\n\
+        while True:\n    try:\n        data = os.read(fd, 65536)\n    except OSError:\n        break\n    \
+        if not data:\n        break\n    out += data\n\
+        _, status = os.waitpid(pid, 0)\n\
+        sys.stdout.buffer.write(out)\n\
+        sys.exit(os.waitstatus_to_exitcode(status))\n";
+    let mut cmd = Command::new("python3");
+    cmd.env_remove("EASEL_WEIGHTS").env_remove("NO_COLOR").args(["-c", PTY, env!("CARGO_BIN_EXE_easel")]);
+    if let Some(value) = no_color {
+        cmd.env("NO_COLOR", value);
+    }
+    let out = cmd.args(args).output().expect("python3 runs (it is part of the test toolchain)");
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    out.stdout
+}
+
+/// Whether `bytes` hold an ANSI colour (SGR) sequence, `ESC [ digits;... m`: the progress
+/// bar's cursor movements are other sequences and stay.
+fn has_colour(bytes: &[u8]) -> bool {
+    bytes.windows(2).enumerate().any(|(i, w)| {
+        w == b"\x1b[" && {
+            let rest = &bytes[i + 2..];
+            let end = rest.iter().position(|b| !(b.is_ascii_digit() || *b == b';'));
+            end.is_some_and(|e| rest[e] == b'm')
+        }
+    })
+}
+
+#[test]
+fn logs_are_coloured_on_a_terminal_unless_no_color_is_set() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (content, style, out_path) = (data("content.png"), data("style.png"), dir.path().join("p.png"));
+    let args: Vec<&std::ffi::OsStr> = ["-v", "run", "--size", "32", "--iterations", "1", "--content"]
+        .iter()
+        .map(std::ffi::OsStr::new)
+        .chain([content.as_os_str(), "--style".as_ref(), style.as_os_str(), "--weights".as_ref()])
+        .chain([synth_weights().as_os_str(), "--out".as_ref(), out_path.as_os_str()])
+        .collect();
+    let coloured = on_a_terminal(&args, None);
+    let text = String::from_utf8_lossy(&coloured);
+    assert!(text.contains("DEBUG") && has_colour(&coloured), "colour on a terminal:\n{text:?}");
+    for no_color in ["1", "yes"] {
+        let plain = on_a_terminal(&args, Some(no_color));
+        let text = String::from_utf8_lossy(&plain);
+        assert!(text.contains("DEBUG") && !has_colour(&plain), "NO_COLOR={no_color}:\n{text:?}");
+    }
+    // An empty NO_COLOR does not count (no-color.org).
+    assert!(has_colour(&on_a_terminal(&args, Some(""))));
+}
+
 #[test]
 fn weights_help_texts_explain_synth_and_inspect() {
     let help = |args: &[&str]| {
