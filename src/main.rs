@@ -2,6 +2,7 @@
 
 mod commands;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -32,7 +33,7 @@ enum LogFormat {
 enum Command {
     /// Paint CONTENT in the style of STYLE and write the result.
     Run(commands::run::RunArgs),
-    /// Each loss's value and gradient norm at an image, as JSON: for balancing loss weights.
+    /// Each loss's value, share and gradient norm at an image (a table, or --json): for balancing loss weights.
     Eval(commands::eval::EvalArgs),
     /// Time iterations and measure peak memory, as JSON.
     Bench(commands::bench::BenchArgs),
@@ -56,7 +57,12 @@ fn init_logging(format: LogFormat, verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour codes are noise in a log file, a pipe or journald; https://no-color.org says a
+    // non-empty NO_COLOR turns them off even on a terminal.
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    let ansi = std::io::stderr().is_terminal() && !no_color;
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -2,7 +2,7 @@
 //! weights, the JSON commands, weights tools, and every kind of bad input.
 
 use std::io::{Read, Write};
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -149,6 +149,188 @@ fn eval_reports_each_loss_as_json() {
     }
     let reported = v["total"].as_f64().expect("total");
     assert!((reported - total).abs() <= 1e-9 * total, "{reported} vs {total}");
+}
+
+#[test]
+fn eval_without_json_prints_a_table_with_each_share() {
+    let out = sample_job(&["eval"]).args(["--size", "64"]).output().expect("runs");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(serde_json::from_str::<serde_json::Value>(&text).is_err(), "not JSON:\n{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 5, "header, three losses, total:\n{text}");
+    let header: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(header, ["loss", "value", "weight", "share", "grad", "norm"], "{text}");
+    let json = sample_job(&["eval"]).args(["--size", "64", "--json"]).output().expect("runs");
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("one JSON object");
+    let total = v["total"].as_f64().expect("total");
+    let mut shares = 0.0;
+    for (line, l) in lines[1..4].iter().zip(v["losses"].as_array().expect("losses")) {
+        let cells: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(cells[0], l["type"].as_str().expect("type"), "{text}");
+        let number = |i: usize| cells[i].trim_end_matches('%').parse::<f64>().expect("a number");
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-3 * b.abs();
+        assert!(close(number(1), l["value"].as_f64().expect("value")), "{line} vs {l}");
+        assert!(close(number(2), l["weight"].as_f64().expect("weight")), "{line} vs {l}");
+        assert!(close(number(4), l["grad_l2"].as_f64().expect("grad_l2")), "{line} vs {l}");
+        let share = 100.0 * l["weight"].as_f64().expect("w") * l["value"].as_f64().expect("v") / total;
+        assert!((number(3) - share).abs() <= 0.051, "{line}: share {share}");
+        shares += number(3);
+    }
+    assert!((shares - 100.0).abs() <= 0.2, "shares add up to 100%: {shares}");
+    assert!(lines[4].starts_with("total"), "{text}");
+}
+
+#[test]
+fn logs_to_a_pipe_have_no_colour_codes() {
+    let dir = tempfile::tempdir().expect("tmp");
+    // A content image with alpha, so that the run logs at info level (and -v at debug).
+    let rgba = dir.path().join("cut-out.png");
+    image::RgbaImage::from_fn(40, 30, |x, y| image::Rgba([(x * 6) as u8, (y * 8) as u8, 90, (x * 6) as u8]))
+        .save(&rgba)
+        .expect("save");
+    // stderr is a pipe here; NO_COLOR is left unset, so only the terminal check can hold it.
+    let out = easel()
+        .env_remove("NO_COLOR")
+        .args(["-v", "run", "--content"])
+        .arg(&rgba)
+        .arg("--style")
+        .arg(data("style.png"))
+        .arg("--weights")
+        .arg(synth_weights())
+        .arg("--out")
+        .arg(dir.path().join("p.png"))
+        .args(["--size", "32", "--iterations", "2"])
+        .output()
+        .expect("runs");
+    let text = stderr(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("INFO") && text.contains("DEBUG"), "log lines at info and debug:\n{text}");
+    assert!(text.contains("transparent parts are painted as white"), "{text}");
+    assert!(!out.stderr.contains(&0x1b), "an ESC byte in:\n{text:?}");
+}
+
+/// Runs the binary with `args` on a pseudo-terminal (stdin, stdout and stderr), as a user at
+/// a terminal would, and returns all it wrote there.
+fn on_a_terminal(args: &[&std::ffi::OsStr], no_color: Option<&str>) -> Vec<u8> {
+    const PTY: &str = "import os, pty, sys\n\
+        pid, fd = pty.fork()\n\
+        if pid == 0:\n    os.execv(sys.argv[1], sys.argv[1:])\n\
+        out = b''\n\
+        while True:\n    try:\n        data = os.read(fd, 65536)\n    except OSError:\n        break\n    \
+        if not data:\n        break\n    out += data\n\
+        _, status = os.waitpid(pid, 0)\n\
+        sys.stdout.buffer.write(out)\n\
+        sys.exit(os.waitstatus_to_exitcode(status))\n";
+    let mut cmd = Command::new("python3");
+    cmd.env_remove("EASEL_WEIGHTS").env_remove("NO_COLOR").args(["-c", PTY, env!("CARGO_BIN_EXE_easel")]);
+    if let Some(value) = no_color {
+        cmd.env("NO_COLOR", value);
+    }
+    let out = cmd.args(args).output().expect("python3 runs (it is part of the test toolchain)");
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    out.stdout
+}
+
+/// Whether `bytes` hold an ANSI colour (SGR) sequence, `ESC [ digits;... m`: the progress
+/// bar's cursor movements are other sequences and stay.
+fn has_colour(bytes: &[u8]) -> bool {
+    bytes.windows(2).enumerate().any(|(i, w)| {
+        w == b"\x1b[" && {
+            let rest = &bytes[i + 2..];
+            let end = rest.iter().position(|b| !(b.is_ascii_digit() || *b == b';'));
+            end.is_some_and(|e| rest[e] == b'm')
+        }
+    })
+}
+
+#[test]
+fn logs_are_coloured_on_a_terminal_unless_no_color_is_set() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (content, style, out_path) = (data("content.png"), data("style.png"), dir.path().join("p.png"));
+    let args: Vec<&std::ffi::OsStr> = ["-v", "run", "--size", "32", "--iterations", "1", "--content"]
+        .iter()
+        .map(std::ffi::OsStr::new)
+        .chain([content.as_os_str(), "--style".as_ref(), style.as_os_str(), "--weights".as_ref()])
+        .chain([synth_weights().as_os_str(), "--out".as_ref(), out_path.as_os_str()])
+        .collect();
+    let coloured = on_a_terminal(&args, None);
+    let text = String::from_utf8_lossy(&coloured);
+    assert!(text.contains("DEBUG") && has_colour(&coloured), "colour on a terminal:\n{text:?}");
+    for no_color in ["1", "yes"] {
+        let plain = on_a_terminal(&args, Some(no_color));
+        let text = String::from_utf8_lossy(&plain);
+        assert!(text.contains("DEBUG") && !has_colour(&plain), "NO_COLOR={no_color}:\n{text:?}");
+    }
+    // An empty NO_COLOR does not count (no-color.org).
+    assert!(has_colour(&on_a_terminal(&args, Some(""))));
+}
+
+#[test]
+fn weights_help_texts_explain_synth_and_inspect() {
+    let help = |args: &[&str]| {
+        let out = easel().args(args).arg("--help").output().expect("runs");
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let synth = help(&["weights", "synth"]);
+    assert!(!synth.contains("DESIGN.md"), "{synth}");
+    assert!(synth.contains("splitmix64") && synth.contains("README"), "{synth}");
+    assert!(
+        synth.contains("--seed <SEED>") && synth.contains("the same seed always gives the same file"),
+        "{synth}"
+    );
+    assert!(synth.contains("--out <FILE>") && synth.contains("The safetensors file to write"), "{synth}");
+    let inspect = help(&["weights", "inspect"]);
+    assert!(inspect.contains("<FILE>") && inspect.contains("The safetensors file to check"), "{inspect}");
+    let weights = help(&["weights"]);
+    assert!(!weights.contains("DESIGN.md"), "{weights}");
+}
+
+#[test]
+fn config_show_follows_the_order_of_the_defaults() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mine = dir.path().join("mine.toml");
+    std::fs::write(&mine, "[daemon]\nworkers = 2\n[run]\nsize = 256\n").expect("write");
+    let out = easel().args(["config", "show"]).arg(&mine).output().expect("runs");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.starts_with("[run]\n"), "{text}");
+    // Each table after a blank line.
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate().skip(1).filter(|(_, l)| l.starts_with('[')) {
+        assert_eq!(lines[i - 1], "", "no blank line before {line}:\n{text}");
+    }
+    let headers: Vec<&str> = text.lines().filter(|l| l.starts_with('[')).collect();
+    assert_eq!(
+        headers,
+        [
+            "[run]",
+            "[model]",
+            "[limits]",
+            "[output]",
+            "[daemon]",
+            "[optimizer]",
+            "[[loss]]",
+            "[[loss]]",
+            "[[loss]]"
+        ],
+        "{text}"
+    );
+    // Keys too: size before iterations in [run], type first in each [[loss]].
+    let run = &text[text.find("[run]").expect("run")..text.find("[model]").expect("model")];
+    assert!(
+        run.find("size = 256").expect("size") < run.find("iterations = 500").expect("iterations"),
+        "{run}"
+    );
+    assert!(text.contains("workers = 2"), "{text}");
+    let loss = &text[text.find("[[loss]]").expect("loss")..];
+    assert!(loss.lines().nth(1).expect("a key").starts_with("type = "), "{loss}");
+    // What is printed is a config that gives the same plan.
+    let shown = dir.path().join("shown.toml");
+    std::fs::write(&shown, &text).expect("write");
+    let again = easel().args(["config", "show"]).arg(&shown).output().expect("runs");
+    assert_eq!(String::from_utf8_lossy(&again.stdout), text);
 }
 
 #[test]
@@ -341,6 +523,18 @@ fn a_corrupt_image_fails() {
 }
 
 #[test]
+fn a_truncated_jpeg_fails_naming_the_file() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let photo =
+        image::open(data("content.png")).expect("decodes").resize(400, 400, image::imageops::Lanczos3);
+    let whole = dir.path().join("whole.jpg");
+    photo.to_rgb8().save(&whole).expect("save jpeg");
+    let bytes = std::fs::read(&whole).expect("read");
+    let (_dir, half) = temp_file("half.jpg", &bytes[..bytes.len() / 2]);
+    assert_run_fails(&half, synth_weights(), &[], "half.jpg: cannot decode image: truncated JPEG");
+}
+
+#[test]
 fn a_text_file_named_png_fails() {
     let (_dir, text) = temp_file("notes.png", b"these are my holiday notes, not a picture\n");
     assert_run_fails(&text, synth_weights(), &[], "notes.png: cannot decode image");
@@ -478,13 +672,14 @@ fn weights_fetch_downloads_checks_and_installs() {
 
     let url = serve(body.clone(), "200 OK", 1);
     let wrong = dir.path().join("wrong.safetensors");
+    let other_sha = "00ff".repeat(16);
     let out = easel()
-        .args(["weights", "fetch", "--url", &url, "--sha256", "00ff", "--out"])
+        .args(["weights", "fetch", "--url", &url, "--sha256", &other_sha, "--out"])
         .arg(&wrong)
         .output()
         .expect("runs");
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("expected 00ff"), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("expected {other_sha}")), "{}", stderr(&out));
     assert!(!wrong.exists());
 
     let url = serve(b"not found".to_vec(), "404 Not Found", 1);
@@ -550,4 +745,199 @@ fn easel_tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
         .collect();
     out.sort();
     out
+}
+
+/// A loopback HTTP server: `answer(n, stream, request_head)` handles the n-th connection.
+fn http_server(answer: impl Fn(usize, TcpStream, String) + Send + 'static) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for (n, stream) in listener.incoming().enumerate() {
+            let Ok(mut stream) = stream else { continue };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).map(|k| k == 1).unwrap_or(false) {
+                head.push(byte[0]);
+            }
+            answer(n, stream, String::from_utf8_lossy(&head).to_ascii_lowercase());
+        }
+    });
+    format!("http://{addr}/vgg19.safetensors")
+}
+
+/// Runs `cmd` to its end, killing it (and failing the test) if it is still running after
+/// `limit_s`: a fetch that never gives up must not hang the test suite.
+fn output_within(cmd: &mut Command, limit_s: u64) -> Output {
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("easel starts");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(limit_s);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!("still running after {limit_s} s; stderr:\n{}", stderr(&out));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    child.wait_with_output().expect("output")
+}
+
+/// The failure message of a fetch names the URL once and says how to do without it.
+fn assert_network_failure(out: &Output, url: &str) {
+    let text = stderr(out);
+    assert!(!out.status.success(), "{text}");
+    assert_eq!(text.matches(url).count(), 1, "the URL once:\n{text}");
+    assert!(text.contains("easel weights convert") && text.contains("easel weights synth"), "{text}");
+}
+
+#[test]
+fn weights_fetch_gives_up_on_a_silent_server_and_leaves_no_folder() {
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    // Accepts, reads the request, and never answers (the connection stays open).
+    let url = http_server(move |_, stream, _| keep.lock().expect("lock").push(stream));
+    let dir = tempfile::tempdir().expect("tmp");
+    let dest = dir.path().join("new/models/vgg19.safetensors");
+    let out = output_within(
+        easel().args(["weights", "fetch", "--url", &url, "--timeout", "2", "--out"]).arg(&dest),
+        120,
+    );
+    assert_network_failure(&out, &url);
+    assert!(stderr(&out).to_lowercase().contains("timed out"), "{}", stderr(&out));
+    assert!(!dir.path().join("new").exists(), "no folder left behind");
+    assert_eq!(held.lock().expect("lock").len(), 1, "it did connect");
+
+    // Nobody listening at all: refused at once, same message shape, nothing left.
+    let port = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let url = format!("http://127.0.0.1:{port}/vgg19.safetensors");
+    let out = output_within(easel().args(["weights", "fetch", "--url", &url, "--out"]).arg(&dest), 120);
+    assert_network_failure(&out, &url);
+    let left: Vec<_> =
+        std::fs::read_dir(dir.path()).expect("ls").map(|e| e.expect("e").file_name()).collect();
+    assert!(left.is_empty(), "nothing left behind: {left:?}");
+}
+
+#[test]
+fn weights_fetch_rejects_a_malformed_sha256_before_connecting() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let url = format!("http://{}/vgg19.safetensors", listener.local_addr().expect("addr"));
+    let dir = tempfile::tempdir().expect("tmp");
+    let dest = dir.path().join("models/vgg19.safetensors");
+    for bad in ["00ff", &"g".repeat(64), &"a".repeat(65)] {
+        let out = output_within(
+            easel().args(["weights", "fetch", "--url", &url, "--sha256", bad, "--out"]).arg(&dest),
+            120,
+        );
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains("--sha256: expected 64 hex digits"), "{}", stderr(&out));
+    }
+    listener.set_nonblocking(true).expect("nonblocking");
+    assert!(
+        matches!(listener.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "no connection was made"
+    );
+    assert!(!dir.path().join("models").exists(), "no folder made");
+}
+
+/// A server that cuts its first answer halfway and then answers the next request with
+/// `second(range_header, body)`.
+fn cut_then(
+    body: Vec<u8>,
+    second: fn(Option<&str>, &[u8]) -> Vec<u8>,
+) -> (String, std::sync::mpsc::Receiver<String>) {
+    let (heads, seen) = std::sync::mpsc::channel();
+    let url = http_server(move |n, mut stream, head| {
+        let _ = heads.send(head.clone());
+        let reply = if n == 0 {
+            let mut reply =
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())
+                    .into_bytes();
+            reply.extend_from_slice(&body[..body.len() / 2]);
+            reply
+        } else {
+            let range = head.lines().find_map(|l| l.strip_prefix("range: ")).map(str::trim);
+            second(range, &body)
+        };
+        let _ = stream.write_all(&reply);
+    });
+    (url, seen)
+}
+
+#[test]
+fn weights_fetch_resumes_a_cut_download_with_a_range_request() {
+    use sha2::Digest;
+    let body = std::fs::read(synth_weights()).expect("read");
+    let sha = format!("{:x}", sha2::Sha256::digest(&body));
+    let half = body.len() / 2;
+    let (url, seen) = cut_then(body.clone(), |range, body| {
+        let start: usize = range
+            .and_then(|r| r.strip_prefix("bytes="))
+            .and_then(|r| r.strip_suffix('-'))
+            .and_then(|r| r.parse().ok())
+            .expect("a Range request");
+        let mut reply = format!(
+            "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {start}-{}/{}\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n",
+            body.len() - 1,
+            body.len(),
+            body.len() - start
+        )
+        .into_bytes();
+        reply.extend_from_slice(&body[start..]);
+        reply
+    });
+    let dir = tempfile::tempdir().expect("tmp");
+    let dest = dir.path().join("models/vgg19.safetensors");
+    let fetch = || {
+        output_within(
+            easel()
+                .args(["weights", "fetch", "--url", &url, "--sha256", &sha, "--timeout", "5", "--out"])
+                .arg(&dest),
+            120,
+        )
+    };
+    let first = fetch();
+    assert_network_failure(&first, &url);
+    assert!(stderr(&first).contains(&format!("{half} bytes are kept")), "{}", stderr(&first));
+    assert!(!dest.exists());
+    let second = fetch();
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert!(
+        stderr(&second).contains(&format!("resuming the download at byte {half}")),
+        "{}",
+        stderr(&second)
+    );
+    assert_eq!(std::fs::read(&dest).expect("installed"), body, "the sha256 was checked too");
+    let heads: Vec<String> = seen.try_iter().collect();
+    assert_eq!(heads.len(), 2);
+    assert!(!heads[0].contains("range:"), "{}", heads[0]);
+    assert!(heads[1].contains(&format!("range: bytes={half}-")), "{}", heads[1]);
+    let names: Vec<_> = std::fs::read_dir(dest.parent().expect("dir"))
+        .expect("ls")
+        .map(|e| e.expect("e").file_name())
+        .collect();
+    assert_eq!(names, ["vgg19.safetensors"], "no .part left");
+}
+
+#[test]
+fn weights_fetch_starts_over_when_the_server_ignores_the_range() {
+    let body = std::fs::read(synth_weights()).expect("read");
+    let (url, _seen) = cut_then(body.clone(), |_, body| {
+        let mut reply =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())
+                .into_bytes();
+        reply.extend_from_slice(body);
+        reply
+    });
+    let dir = tempfile::tempdir().expect("tmp");
+    let dest = dir.path().join("vgg19.safetensors");
+    let fetch = || output_within(easel().args(["weights", "fetch", "--url", &url, "--out"]).arg(&dest), 120);
+    assert!(!fetch().status.success());
+    let second = fetch();
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert!(!stderr(&second).contains("resuming"), "{}", stderr(&second));
+    assert_eq!(std::fs::read(&dest).expect("installed"), body);
 }

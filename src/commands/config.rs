@@ -14,7 +14,7 @@ pub enum ConfigCommand {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
-    /// Print the merged configuration: defaults < FILES, in order.
+    /// Print the merged configuration (defaults < FILES, in order), laid out as configs/default.toml.
     Show { files: Vec<PathBuf> },
 }
 
@@ -53,10 +53,58 @@ pub fn config(cmd: ConfigCommand, registry: &Registry) -> Result<()> {
                 layers = layers.with_file(file)?;
             }
             layers.plan(registry)?;
-            print!("{}", toml::to_string_pretty(&layers.merged())?);
+            print!("{}", in_default_order(&layers.merged())?);
             Ok(())
         }
     }
+}
+
+/// Where `key` stands in `order`; keys it does not list come after, in their own order.
+fn rank(order: &[String], key: &str) -> usize {
+    order.iter().position(|k| k == key).unwrap_or(order.len())
+}
+
+/// The keys of a table of configs/default.toml, or of the tables of an array of them.
+fn default_keys(item: Option<&toml_edit::Item>) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut add = |t: &toml_edit::Table| {
+        for (k, _) in t.iter() {
+            if !keys.iter().any(|have| have == k) {
+                keys.push(k.to_string());
+            }
+        }
+    };
+    match item {
+        Some(toml_edit::Item::Table(t)) => add(t),
+        Some(toml_edit::Item::ArrayOfTables(a)) => a.iter().for_each(add),
+        _ => {}
+    }
+    keys
+}
+
+/// `table` as TOML with its tables and their keys in the order of configs/default.toml
+/// (`[run]` first, `[[loss]]` last) instead of the alphabetical order of a `toml::Table`.
+fn in_default_order(table: &toml::Table) -> Result<String> {
+    let defaults: toml_edit::DocumentMut = easel_config::DEFAULT_TOML.parse()?;
+    let order: Vec<String> = defaults.iter().map(|(k, _)| k.to_string()).collect();
+    let mut doc: toml_edit::DocumentMut = toml::to_string_pretty(table)?.parse()?;
+    let sort = |t: &mut toml_edit::Table, keys: &[String], position: usize| {
+        // The document is written in order of position; the root holds position 0.
+        t.set_position(position + 1);
+        t.decor_mut().set_prefix(if position == 0 { "" } else { "\n" });
+        t.sort_values_by(|a, _, b, _| rank(keys, a).cmp(&rank(keys, b)));
+    };
+    let mut tops: Vec<(String, usize)> = doc.iter().map(|(k, _)| (k.to_string(), rank(&order, k))).collect();
+    tops.sort_by_key(|(_, r)| *r);
+    for (position, (key, _)) in tops.iter().enumerate() {
+        let keys = default_keys(defaults.get(key));
+        match doc.get_mut(key) {
+            Some(toml_edit::Item::Table(t)) => sort(t, &keys, position),
+            Some(toml_edit::Item::ArrayOfTables(a)) => a.iter_mut().for_each(|t| sort(t, &keys, position)),
+            _ => {}
+        }
+    }
+    Ok(doc.to_string())
 }
 
 fn print_options(options: &[OptionSpec]) {

@@ -19,7 +19,7 @@ pub struct EvalArgs {
     /// The image to evaluate (resized to the content's size); default: the initial image.
     #[arg(long, value_name = "IMAGE")]
     pub at: Option<PathBuf>,
-    /// Print JSON (the only format; accepted for scripts that pass it).
+    /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
 }
@@ -38,10 +38,23 @@ pub fn eval(args: EvalArgs, registry: &Registry) -> Result<()> {
     let x = job.run.image().clone();
     let reports = job.run.objective().report(&x)?;
     let total: f64 = reports.iter().map(|r| r.weight * r.value).sum();
-    let losses: Vec<_> = reports
-        .iter()
-        .map(|r| json!({"type": r.kind, "weight": r.weight, "value": r.value, "grad_l2": r.grad_l2}))
-        .collect();
-    println!("{}", json!({"losses": losses, "total": total}));
+    if args.json {
+        let losses: Vec<_> = reports
+            .iter()
+            .map(|r| json!({"type": r.kind, "weight": r.weight, "value": r.value, "grad_l2": r.grad_l2}))
+            .collect();
+        println!("{}", json!({"losses": losses, "total": total}));
+        return Ok(());
+    }
+    println!("{:<10} {:>12} {:>12} {:>8} {:>12}", "loss", "value", "weight", "share", "grad norm");
+    for r in &reports {
+        // The share of the weighted total is what balancing acts on.
+        let share = if total != 0.0 { 100.0 * r.weight * r.value / total } else { 0.0 };
+        println!(
+            "{:<10} {:>12.4e} {:>12.4e} {:>7.1}% {:>12.4e}",
+            r.kind, r.value, r.weight, share, r.grad_l2
+        );
+    }
+    println!("{:<10} {:>12.4e}   (sum of weight x value)", "total", total);
     Ok(())
 }

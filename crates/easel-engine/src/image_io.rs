@@ -39,8 +39,16 @@ pub fn load_image(path: &Path, limits: &Limits) -> Result<RgbImage, EngineError>
         reader.with_guessed_format().map_err(|e| image_error(path, e.to_string()))
     };
     let reader = open()?;
-    if reader.format().is_none() {
-        return Err(image_error(path, "not an image easel can read (PNG or JPEG)"));
+    let format = match reader.format() {
+        Some(format) => format,
+        None => return Err(image_error(path, "not an image easel can read (PNG or JPEG)")),
+    };
+    if format == image::ImageFormat::Jpeg {
+        // The JPEG decoder pads a cut-off scan with grey and reports success, so a file cut
+        // short in transit would be painted as if it were whole.
+        let bytes = std::fs::read(path).map_err(|e| image_error(path, e.to_string()))?;
+        check_jpeg_complete(&bytes)
+            .map_err(|reason| image_error(path, format!("cannot decode image: {reason}")))?;
     }
     let (w, h) =
         reader.into_dimensions().map_err(|e| image_error(path, format!("cannot decode image: {e}")))?;
@@ -63,7 +71,78 @@ pub fn load_image(path: &Path, limits: &Limits) -> Result<RgbImage, EngineError>
     decode_limits.max_image_height = Some(h);
     reader.limits(decode_limits);
     let decoded = reader.decode().map_err(|e| image_error(path, format!("cannot decode image: {e}")))?;
+    if decoded.color().has_alpha() {
+        tracing::info!(
+            path = %path.display(),
+            "the image has an alpha channel: transparent parts are painted as white"
+        );
+        return Ok(over_white(&decoded.to_rgba32f()));
+    }
     Ok(decoded.to_rgb32f())
+}
+
+/// Composites straight (non-premultiplied) RGBA onto white: a transparent pixel's colour
+/// channels are whatever the editor left there, often black or a stale colour, and were
+/// never meant to be seen.
+fn over_white(rgba: &image::Rgba32FImage) -> RgbImage {
+    let (w, h) = rgba.dimensions();
+    RgbImage::from_fn(w, h, |x, y| {
+        let [r, g, b, a] = rgba.get_pixel(x, y).0;
+        let a = a.clamp(0.0, 1.0);
+        image::Rgb([r, g, b].map(|c| c * a + (1.0 - a)))
+    })
+}
+
+/// Walks a JPEG's marker segments from SOI and succeeds only if it reaches the EOI marker
+/// (FF D9) after the image data. Data without the SOI marker is left to the decoder to refuse.
+///
+/// Segments are skipped by their lengths, so an EXIF thumbnail's own EOI inside APP1 does not
+/// count, and whatever follows the EOI (the video of a "motion photo", padding) is allowed.
+fn check_jpeg_complete(bytes: &[u8]) -> Result<(), String> {
+    const TRUNCATED: &str = "truncated JPEG: the data ends before its end-of-image marker (FF D9)";
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return Ok(());
+    }
+    let mut pos = 2;
+    loop {
+        // Decoders skip stray bytes before a marker (libjpeg warns of "extraneous bytes").
+        while pos < bytes.len() && bytes[pos] != 0xFF {
+            pos += 1;
+        }
+        // Any number of FF fill bytes may precede the marker code.
+        while pos < bytes.len() && bytes[pos] == 0xFF {
+            pos += 1;
+        }
+        let Some(&marker) = bytes.get(pos) else { return Err(TRUNCATED.to_string()) };
+        pos += 1;
+        match marker {
+            0xD9 => return Ok(()),
+            // Markers without a length: TEM, RST0-7, and a repeated SOI.
+            0x01 | 0xD0..=0xD8 => continue,
+            _ => {}
+        }
+        let Some(len) = bytes.get(pos..pos + 2).map(|l| u16::from_be_bytes([l[0], l[1]]) as usize) else {
+            return Err(TRUNCATED.to_string());
+        };
+        if len < 2 {
+            return Err(format!("corrupt JPEG: segment FF {marker:02X} has length {len}"));
+        }
+        pos += len;
+        if pos > bytes.len() {
+            return Err(TRUNCATED.to_string());
+        }
+        if marker == 0xDA {
+            // Entropy-coded data follows a start-of-scan header; inside it FF is followed by
+            // 00 (a stuffed byte) or a restart marker, and anything else ends the scan.
+            loop {
+                match bytes.get(pos..pos + 2) {
+                    None => return Err(TRUNCATED.to_string()),
+                    Some([0xFF, next]) if *next != 0x00 && !(0xD0..=0xD7).contains(next) => break,
+                    Some(_) => pos += 1,
+                }
+            }
+        }
+    }
 }
 
 /// Resizes so that the longest edge is `longest` pixels (Lanczos3); unchanged if it already is.
@@ -165,4 +244,84 @@ pub fn save_image(
     let fail = |reason: String| EngineError::Output { path: path.to_path_buf(), reason };
     let data = encode(image, format, jpeg_quality, text).map_err(fail)?;
     easel_core::write_atomically(path, &data).map_err(|e| fail(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits { max_pixels: 50_000_000, max_bytes: 1 << 28 }
+    }
+
+    /// A 400x300 baseline JPEG of a smooth gradient, as the image crate encodes it.
+    fn jpeg_bytes() -> Vec<u8> {
+        let image = image::RgbImage::from_fn(400, 300, |x, y| {
+            image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8])
+        });
+        let mut out = std::io::Cursor::new(Vec::new());
+        image.write_to(&mut out, image::ImageFormat::Jpeg).expect("encode");
+        out.into_inner()
+    }
+
+    fn written(dir: &Path, name: &str, bytes: &[u8]) -> std::path::PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).expect("write");
+        path
+    }
+
+    #[test]
+    fn a_jpeg_cut_short_is_refused_with_the_reason() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let jpeg = jpeg_bytes();
+        // The image crate alone would decode the cut-off file, grey-filled, without an error.
+        let half = &jpeg[..jpeg.len() / 2];
+        assert!(image::load_from_memory(half).is_ok(), "the decoder is lenient");
+        for cut in [jpeg.len() / 2, jpeg.len() - 2, jpeg.len() - 1, 700] {
+            let path = written(dir.path(), "cut.jpg", &jpeg[..cut]);
+            let err = load_image(&path, &limits()).expect_err("a cut JPEG fails").to_string();
+            assert!(err.contains("cut.jpg: cannot decode image: truncated JPEG"), "cut at {cut}: {err}");
+            assert!(err.contains("FF D9"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_whole_jpeg_loads_even_with_data_after_its_end() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let jpeg = jpeg_bytes();
+        let whole = load_image(&written(dir.path(), "whole.jpg", &jpeg), &limits()).expect("whole");
+        assert_eq!(whole.dimensions(), (400, 300));
+        // Motion photos append a video after the EOI; padding is also seen in the wild.
+        let mut trailing = jpeg.clone();
+        trailing.extend_from_slice(b"\0\0\0\x18ftypmp42 and more bytes \xFF\xD8\xFF");
+        let loaded = load_image(&written(dir.path(), "motion.jpg", &trailing), &limits()).expect("trailing");
+        assert_eq!(loaded.as_raw(), whole.as_raw());
+    }
+
+    #[test]
+    fn transparent_pixels_are_white_whatever_colour_they_hide() {
+        let dir = tempfile::tempdir().expect("tmp");
+        // Left half opaque red; right half fully transparent but hiding pure green; one
+        // half-transparent blue pixel.
+        let mut rgba = image::RgbaImage::from_fn(8, 4, |x, _| {
+            if x < 4 {
+                image::Rgba([255, 0, 0, 255])
+            } else {
+                image::Rgba([0, 255, 0, 0])
+            }
+        });
+        rgba.put_pixel(0, 3, image::Rgba([0, 0, 255, 128]));
+        let path = dir.path().join("alpha.png");
+        rgba.save(&path).expect("save");
+        let loaded = load_image(&path, &limits()).expect("loads");
+        assert_eq!(loaded.get_pixel(1, 1).0, [1.0, 0.0, 0.0]);
+        for x in 4..8 {
+            for y in 0..4 {
+                assert_eq!(loaded.get_pixel(x, y).0, [1.0, 1.0, 1.0], "({x}, {y})");
+            }
+        }
+        let half = loaded.get_pixel(0, 3).0;
+        let a = 128.0 / 255.0;
+        assert!((half[0] - (1.0 - a)).abs() < 1e-6 && (half[2] - 1.0).abs() < 1e-6, "{half:?}");
+    }
 }
