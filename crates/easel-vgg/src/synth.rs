@@ -1,4 +1,4 @@
-//! Deterministic synthetic VGG-19 weights (DESIGN.md), bit-identical in any language.
+//! Deterministic synthetic VGG-19 weights (the recipe is in the README), bit-identical in any language.
 
 use std::path::Path;
 
