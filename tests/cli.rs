@@ -583,7 +583,7 @@ fn a_config_with_a_wrong_type_fails() {
 fn a_config_with_an_unknown_plugin_fails() {
     assert_config_fails(
         "[optimizer]\ntype = \"newton\"\n",
-        "optimizer.type: unknown optimizer \"newton\"; available: lbfgs, adam, gd",
+        "optimizer.type: unknown optimizer \"newton\"; available: adam, gd, lbfgs",
     );
     assert_config_fails(
         "[[loss]]\ntype = \"glow\"\n",

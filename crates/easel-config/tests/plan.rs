@@ -120,7 +120,7 @@ fn unknown_optimizer_and_sections_are_named() {
     assert_eq!(errors.len(), 3, "{errors:#?}");
     assert!(errors
         .iter()
-        .any(|e| e.starts_with("optimizer.type: unknown optimizer \"sgdx\"; available: lbfgs, adam, gd")));
+        .any(|e| e.starts_with("optimizer.type: unknown optimizer \"sgdx\"; available: adam, gd, lbfgs")));
     assert!(errors.iter().any(|e| e.starts_with("extra: unknown key")));
     assert!(errors.contains(&"style[0].path: missing: the style image's file".to_string()));
 }

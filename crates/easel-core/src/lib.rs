@@ -23,4 +23,4 @@ pub use layer::LayerId;
 pub use loss::{LayerGrads, Loss, LossFactory};
 pub use optimizer::{Objective, Optimizer, OptimizerFactory, OptimizerState, Step};
 pub use options::{OptionDefault, OptionError, OptionSpec, Options};
-pub use registry::Registry;
+pub use registry::{Plugin, Registry};

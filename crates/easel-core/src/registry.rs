@@ -2,6 +2,13 @@
 
 use crate::{LossFactory, OptimizerFactory};
 
+/// One plugin, as its crate exports it (`pub const PLUGIN`) for the builtin registry.
+#[derive(Clone, Copy)]
+pub enum Plugin {
+    Loss(&'static dyn LossFactory),
+    Optimizer(&'static dyn OptimizerFactory),
+}
+
 /// Loss and optimiser factories, looked up by their TOML `type` name.
 #[derive(Default)]
 pub struct Registry {
@@ -13,6 +20,14 @@ impl Registry {
     /// An empty registry.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Adds a plugin of either kind.
+    pub fn with(self, plugin: Plugin) -> Self {
+        match plugin {
+            Plugin::Loss(factory) => self.with_loss(factory),
+            Plugin::Optimizer(factory) => self.with_optimizer(factory),
+        }
     }
 
     /// Adds a loss plugin.

@@ -1,35 +1,18 @@
 //! easel's builtin plugins in one registry, used by the binary and by every test that needs
 //! plugins, so that the list of plugins is written once.
 //!
-//! Each plugin is an optional dependency whose name is also the cargo feature that compiles
-//! it in; all are on by default. `CONTRIBUTING.md` lists the steps to add one.
+//! Each plugin is an optional dependency named like its folder (`loss-NAME`, `optim-NAME`),
+//! which is also the cargo feature that compiles it in; all are on by default. The build
+//! script turns the enabled features into the registry, so a plugin is added by two lines of
+//! Cargo.toml (`CONTRIBUTING.md` lists the steps).
 
 use easel_core::Registry;
 
-/// Writes [`builtin`] from one line per plugin: its feature, the [`Registry`] method that adds
-/// it (`with_loss` or `with_optimizer`) and its factory.
-macro_rules! builtin {
-    ($($feature:literal => $add:ident($factory:path),)*) => {
-        /// Every builtin plugin this crate was compiled with, in the order `easel plugins`
-        /// lists them.
-        pub fn builtin() -> Registry {
-            let registry = Registry::new();
-            $(
-                #[cfg(feature = $feature)]
-                let registry = registry.$add(&$factory);
-            )*
-            registry
-        }
-    };
-}
-
-builtin! {
-    "loss-content" => with_loss(loss_content::ContentFactory),
-    "loss-gram" => with_loss(loss_gram::GramFactory),
-    "loss-tv" => with_loss(loss_tv::TvFactory),
-    "optim-lbfgs" => with_optimizer(optim_lbfgs::LbfgsFactory),
-    "optim-adam" => with_optimizer(optim_adam::AdamFactory),
-    "optim-gd" => with_optimizer(optim_gd::GdFactory),
+/// Every builtin plugin this crate was compiled with: losses, then optimisers, each by name
+/// (the order `easel plugins` lists them in).
+pub fn builtin() -> Registry {
+    // One `.with(CRATE::PLUGIN)` per enabled plugin feature, written by build.rs.
+    include!(concat!(env!("OUT_DIR"), "/builtin.rs"))
 }
 
 #[cfg(test)]

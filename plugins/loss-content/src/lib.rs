@@ -10,6 +10,9 @@ use easel_core::{
 /// Builds [`ContentLoss`] from `type = "content"`.
 pub struct ContentFactory;
 
+/// This plugin, as the builtin registry (easel-plugins) adds it.
+pub const PLUGIN: easel_core::Plugin = easel_core::Plugin::Loss(&ContentFactory);
+
 const DEFAULT_LAYERS: &[LayerId] = &[LayerId::Relu4_2];
 
 const OPTIONS: &[OptionSpec] = &[OptionSpec {

@@ -11,6 +11,9 @@ use rayon::prelude::*;
 /// Builds [`GramLoss`] from `type = "gram"`.
 pub struct GramFactory;
 
+/// This plugin, as the builtin registry (easel-plugins) adds it.
+pub const PLUGIN: easel_core::Plugin = easel_core::Plugin::Loss(&GramFactory);
+
 const DEFAULT_LAYERS: &[LayerId] =
     &[LayerId::Relu1_1, LayerId::Relu2_1, LayerId::Relu3_1, LayerId::Relu4_1, LayerId::Relu5_1];
 

@@ -9,6 +9,9 @@ use easel_core::{
 /// Builds [`TvLoss`] from `type = "tv"`.
 pub struct TvFactory;
 
+/// This plugin, as the builtin registry (easel-plugins) adds it.
+pub const PLUGIN: easel_core::Plugin = easel_core::Plugin::Loss(&TvFactory);
+
 impl LossFactory for TvFactory {
     fn name(&self) -> &'static str {
         "tv"

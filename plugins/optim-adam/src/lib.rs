@@ -9,6 +9,9 @@ use easel_core::{
 /// Builds [`Adam`] from `type = "adam"`.
 pub struct AdamFactory;
 
+/// This plugin, as the builtin registry (easel-plugins) adds it.
+pub const PLUGIN: easel_core::Plugin = easel_core::Plugin::Optimizer(&AdamFactory);
+
 const OPTIONS: &[OptionSpec] = &[
     OptionSpec {
         key: "lr",

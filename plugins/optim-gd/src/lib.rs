@@ -9,6 +9,9 @@ use easel_core::{
 /// Builds [`GradientDescent`] from `type = "gd"`.
 pub struct GdFactory;
 
+/// This plugin, as the builtin registry (easel-plugins) adds it.
+pub const PLUGIN: easel_core::Plugin = easel_core::Plugin::Optimizer(&GdFactory);
+
 /// The learning rate when the configuration gives none.
 pub const DEFAULT_LR: f64 = 0.01;
 

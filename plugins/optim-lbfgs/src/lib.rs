@@ -27,6 +27,9 @@ use reduce::{abs_sum, dot, max_abs};
 /// Builds [`Lbfgs`] from `type = "lbfgs"`.
 pub struct LbfgsFactory;
 
+/// This plugin, as the builtin registry (easel-plugins) adds it.
+pub const PLUGIN: easel_core::Plugin = easel_core::Plugin::Optimizer(&LbfgsFactory);
+
 const OPTIONS: &[OptionSpec] = &[
     OptionSpec {
         key: "history",
