@@ -26,6 +26,15 @@ pub enum Backend {
     Generic,
 }
 
+/// Whether a forward pass keeps what the backward pass needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Keep {
+    /// Nothing: features only.
+    Nothing,
+    /// The backend's trace, for [`Layers::backward`].
+    ForBackward,
+}
+
 /// What a trace kept at `index`, or an error naming what is missing (a trace always keeps
 /// what its backward pass reads: this is a broken invariant, not a user error).
 fn kept_at<'a, T>(kept: &'a BTreeMap<usize, T>, index: usize, what: &str) -> Result<&'a T, VggError> {
@@ -73,7 +82,7 @@ impl Layers {
     }
 
     /// The normalised input `x` through the layers up to index `last`: the outputs of
-    /// `wanted`, and (with `keep`) what the backward pass needs.
+    /// `wanted`, and what `keep` says.
     pub(crate) fn forward(
         &self,
         convs: &[ConvWeights],
@@ -81,7 +90,7 @@ impl Layers {
         x: Tensor,
         wanted: &[LayerId],
         last: usize,
-        keep: bool,
+        keep: Keep,
     ) -> Result<(easel_core::FeatureMaps, Kept), VggError> {
         Ok(match self {
             Layers::Cpu(layers) => {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use easel_core::{FeatureMaps, LayerId};
 
-use crate::backend::{Backend, Kept, Layers};
+use crate::backend::{Backend, Keep, Kept, Layers};
 use crate::conv::{KernelCache, Winograd};
 use crate::pool::Pooling;
 use crate::stack::ConvWeights;
@@ -195,7 +195,7 @@ impl Vgg19 {
     /// Runs pixels `[1, 3, H, W]` in [0, 1] up to the deepest of `layers` and returns their
     /// outputs.
     pub fn forward(&self, pixels: &Tensor, layers: &[LayerId]) -> Result<FeatureMaps, VggError> {
-        Ok(self.run(pixels, layers, false)?.0)
+        Ok(self.run(pixels, layers, Keep::Nothing)?.0)
     }
 
     /// Like [`Vgg19::forward`], also keeping what [`Vgg19::backward`] needs.
@@ -204,10 +204,10 @@ impl Vgg19 {
         pixels: &Tensor,
         layers: &[LayerId],
     ) -> Result<(FeatureMaps, Trace), VggError> {
-        self.run(pixels, layers, true)
+        self.run(pixels, layers, Keep::ForBackward)
     }
 
-    fn run(&self, pixels: &Tensor, layers: &[LayerId], keep: bool) -> Result<(FeatureMaps, Trace), VggError> {
+    fn run(&self, pixels: &Tensor, layers: &[LayerId], keep: Keep) -> Result<(FeatureMaps, Trace), VggError> {
         let deepest = layers.iter().copied().max().unwrap_or(LayerId::Pixels);
         self.check(pixels, deepest)?;
         let x = self.normalise(pixels)?;

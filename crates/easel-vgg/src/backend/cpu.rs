@@ -8,7 +8,7 @@ use std::sync::Arc;
 use candle_core::Tensor;
 use easel_core::LayerId;
 
-use super::kept_at;
+use super::{kept_at, Keep};
 use crate::conv::{self, Activation, Algo, KernelCache, Winograd};
 use crate::pool::{self, Pooling, Routing};
 use crate::relu_mask::{relu_backward, ReluMask};
@@ -121,8 +121,8 @@ pub(crate) struct Steps<'a> {
 }
 
 impl<'a> Steps<'a> {
-    pub(crate) fn new(layers: &'a CpuLayers, convs: &'a [ConvWeights], pooling: Pooling, keep: bool) -> Self {
-        Self { layers, convs, pooling, kept: keep.then(Kept::default) }
+    pub(crate) fn new(layers: &'a CpuLayers, convs: &'a [ConvWeights], pooling: Pooling, keep: Keep) -> Self {
+        Self { layers, convs, pooling, kept: (keep == Keep::ForBackward).then(Kept::default) }
     }
 
     /// What the pass kept (nothing, unless it was made to keep).

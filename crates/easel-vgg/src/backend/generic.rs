@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Tensor};
 use easel_core::LayerId;
 
-use super::kept_at;
+use super::{kept_at, Keep};
 use crate::conv::{self, Activation};
 use crate::pool::{self, Pooling};
 use crate::stack::{op, with_grads_at, ConvWeights, ForwardSteps, Op};
@@ -75,8 +75,8 @@ pub(crate) struct Steps<'a> {
 }
 
 impl<'a> Steps<'a> {
-    pub(crate) fn new(convs: &'a [ConvWeights], pooling: Pooling, keep: bool) -> Self {
-        Self { convs, pooling, kept: keep.then(Kept::default) }
+    pub(crate) fn new(convs: &'a [ConvWeights], pooling: Pooling, keep: Keep) -> Self {
+        Self { convs, pooling, kept: (keep == Keep::ForBackward).then(Kept::default) }
     }
 
     /// What the pass kept (nothing, unless it was made to keep).
