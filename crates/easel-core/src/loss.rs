@@ -28,6 +28,13 @@ pub trait Loss: Send {
     /// The unweighted loss of `features` as a scalar (rank 0) tensor in the sum type.
     fn evaluate(&self, features: &FeatureMaps) -> Result<Tensor, CoreError>;
 
+    /// Bytes of the targets [`Loss::prepare`] keeps, for the memory planner, given the shape
+    /// `(channels, positions)` of each layer it reads at the current scale. The default, 0, suits
+    /// losses whose targets are small beside the image (a few statistics per channel).
+    fn target_bytes(&self, _shape: &dyn Fn(LayerId) -> (u64, u64)) -> u64 {
+        0
+    }
+
     /// The unweighted loss and its gradient w.r.t. each layer it reads, for losses that have
     /// them in closed form: cheaper and more precise than differentiating [`Loss::evaluate`].
     /// `None` (the default) makes the engine use autograd.

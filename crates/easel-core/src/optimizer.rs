@@ -61,6 +61,17 @@ pub trait Optimizer: Send {
 
     /// Restores a state produced by [`Optimizer::state`] of the same plugin.
     fn restore(&mut self, state: &OptimizerState) -> Result<(), CoreError>;
+
+    /// The most bytes this optimiser holds for an image of `elements` values (its state and
+    /// the image-sized temporaries of a step), for the memory planner.
+    fn state_bytes(&self, elements: u64) -> u64;
+
+    /// Makes the optimiser hold at most `bytes` for an image of `elements` values if its
+    /// options allow (L-BFGS keeps a shorter history), saying what it changed; `None` when it
+    /// cannot (the default).
+    fn fit_state(&mut self, _elements: u64, _bytes: u64) -> Option<String> {
+        None
+    }
 }
 
 /// Builds an [`Optimizer`] from its TOML options; one per plugin, listed in the registry.

@@ -81,6 +81,19 @@ pub(crate) enum Algo<'a> {
     Winograd(Option<(&'a KernelCache, usize)>),
 }
 
+/// Bytes of the transformed kernel, and the tile side, that a convolution of `c_in` to `c_out`
+/// channels on an image of `height x width` runs Winograd with; `None` where it runs direct.
+pub(crate) fn winograd_kernel_bytes(
+    c_in: usize,
+    c_out: usize,
+    height: usize,
+    width: usize,
+) -> Option<(usize, usize)> {
+    let shape = Conv3x3 { c_in, c_out, height, width };
+    winograd::choose(&shape)
+        .map(|tile| (c_out * c_in * tile.n() * tile.n() * std::mem::size_of::<f32>(), tile.m()))
+}
+
 /// What a forward convolution's output goes through before it is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Activation {

@@ -16,6 +16,7 @@ mod backend;
 mod conv;
 mod cpu_tensor;
 mod error;
+pub mod memory;
 mod model;
 mod pool;
 mod relu_mask;

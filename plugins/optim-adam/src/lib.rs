@@ -213,6 +213,11 @@ impl Optimizer for Adam {
         self.t = t as u64;
         Ok(())
     }
+
+    /// The moments `m` and `v`, and a step's temporaries (the gradient, the update).
+    fn state_bytes(&self, elements: u64) -> u64 {
+        4 * 4 * elements
+    }
 }
 
 #[cfg(test)]

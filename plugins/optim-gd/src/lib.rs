@@ -91,6 +91,11 @@ impl Optimizer for GradientDescent {
         }
         Ok(())
     }
+
+    /// No state: the gradient and the update while a step runs.
+    fn state_bytes(&self, elements: u64) -> u64 {
+        2 * 4 * elements
+    }
 }
 
 #[cfg(test)]

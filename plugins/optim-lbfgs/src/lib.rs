@@ -175,6 +175,9 @@ struct Cached {
     x: Option<TensorId>,
 }
 
+/// Image-sized tensors a step holds besides the history (see `state_bytes`).
+const STEP_TEMPORARIES: u64 = 6;
+
 /// Limited-memory BFGS; each [`Optimizer::step`] is one iteration.
 ///
 /// State between steps mirrors PyTorch's: the (s, y) history, the initial inverse-Hessian
@@ -410,6 +413,32 @@ impl Optimizer for Lbfgs {
         // The image's shape is checked at the next step, when the image is known.
         *self = Self { config: self.config, history, h_diag, n_iter, func_evals, cached };
         Ok(())
+    }
+
+    /// Two image-sized tensors per history pair (`s` and `y`), and a step's image-sized
+    /// temporaries (the gradient and the previous one, the direction, the two-loop's work
+    /// vector, the line search's trial point and its gradient).
+    fn state_bytes(&self, elements: u64) -> u64 {
+        4 * elements * (2 * self.config.history as u64 + STEP_TEMPORARIES)
+    }
+
+    /// Keeps as many history pairs as fit in `bytes`, at least one.
+    fn fit_state(&mut self, elements: u64, bytes: u64) -> Option<String> {
+        let per_pair = 2 * 4 * elements.max(1);
+        let fits = (bytes / 4 / elements.max(1)).saturating_sub(STEP_TEMPORARIES) / 2;
+        let history = usize::try_from(fits).unwrap_or(usize::MAX).min(self.config.history);
+        if history == 0 || history == self.config.history {
+            return None;
+        }
+        let was = self.config.history;
+        self.config.history = history;
+        while self.history.len() > history {
+            self.history.pop_front();
+        }
+        Some(format!(
+            "optimizer.history lowered from {was} to {history} to fit the memory budget ({} MB per pair)",
+            per_pair >> 20
+        ))
     }
 }
 
