@@ -154,14 +154,20 @@ impl TestRoot {
 
     /// Starts `easel watch` on this root; its JSON log goes to a file in `logs/`.
     pub fn start(&self, extra: &[&str]) -> Daemon {
+        self.start_with_env(extra, &[])
+    }
+
+    /// [`TestRoot::start`] with extra environment variables (e.g. the fault hook
+    /// `EASEL_DAEMON_FAULTS`).
+    pub fn start_with_env(&self, extra: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Daemon {
         let n = std::fs::read_dir(&self.logs).unwrap().count();
         let log = self.logs.join(format!("daemon-{n}.log"));
-        let child = self
-            .command(extra)
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .expect("easel starts");
+        let mut command = self.command(extra);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child =
+            command.stdout(Stdio::null()).stderr(File::create(&log).unwrap()).spawn().expect("easel starts");
         let mut daemon = Daemon { child, log };
         // Signals sent before the handlers are installed would kill it outright.
         let deadline = Instant::now() + Duration::from_secs(60);
