@@ -189,6 +189,65 @@ fn worker(shared: &Shared<'_>, jobs: Receiver<ClaimedJob>, reports: Sender<(Stri
     }
 }
 
+/// How the inbox is looked at on a tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    /// Read the whole folder.
+    Full,
+    /// Re-stat the files already known (events tell about the others).
+    Refresh,
+}
+
+/// When the control loop's periodic tasks are due: pure over the instants it is given, so that
+/// tests drive it with a fake clock (as [`Intake`] is).
+#[derive(Debug)]
+struct Schedule {
+    /// `Some`: poll the inbox this often instead of using events.
+    poll: Option<Duration>,
+    last_scan: Instant,
+    last_recover: Instant,
+    last_config: Instant,
+}
+
+impl Schedule {
+    fn new(start: Instant, poll: Option<Duration>) -> Self {
+        Self { poll, last_scan: start, last_recover: start, last_config: start }
+    }
+
+    /// Whether to look at the config file for changes now.
+    fn config_check_due(&mut self, now: Instant) -> bool {
+        let due = now.duration_since(self.last_config) >= CONFIG_CHECK;
+        if due {
+            self.last_config = now;
+        }
+        due
+    }
+
+    /// How to look at the inbox now: with events, a full rescan when the watcher asked for one
+    /// (`need_rescan`) or every [`SAFETY_RESCAN`]; when polling, a full scan every poll period.
+    fn scan(&mut self, now: Instant, need_rescan: bool) -> Option<Scan> {
+        let since = now.duration_since(self.last_scan);
+        let full = match self.poll {
+            Some(every) => since >= every,
+            None => need_rescan || since >= SAFETY_RESCAN,
+        };
+        if full {
+            self.last_scan = now;
+            return Some(Scan::Full);
+        }
+        self.poll.is_none().then_some(Scan::Refresh)
+    }
+
+    /// Whether to look in `work/` for jobs a dead daemon left.
+    fn recover_due(&mut self, now: Instant) -> bool {
+        let due = now.duration_since(self.last_recover) >= RECOVER_EVERY;
+        if due {
+            self.last_recover = now;
+        }
+        due
+    }
+}
+
 /// The controller's state between ticks.
 struct Control<'s, 'r> {
     shared: &'s Shared<'r>,
@@ -498,7 +557,7 @@ impl Control<'_, '_> {
         self.recover();
         self.rescan(start);
         self.shared.board.set_state("running");
-        let (mut last_scan, mut last_recover, mut last_config) = (start, start, start);
+        let mut schedule = Schedule::new(start, poll);
         loop {
             crossbeam_channel::select! {
                 recv(events) -> event => if let Ok(event) = event { self.on_event(event, self.clock.now()) },
@@ -518,28 +577,18 @@ impl Control<'_, '_> {
                 self.shared.board.write_now();
                 break;
             }
-            let changed = now.duration_since(last_config) >= CONFIG_CHECK && {
-                last_config = now;
-                self.shared.config().source().is_some_and(|p| fingerprint(p) != self.config_fingerprint)
-            };
+            let changed = schedule.config_check_due(now)
+                && self.shared.config().source().is_some_and(|p| fingerprint(p) != self.config_fingerprint);
             if signals.reload.swap(false, Ordering::SeqCst) || changed {
                 self.reload();
             }
-            match poll {
-                Some(every) if now.duration_since(last_scan) >= every => {
-                    self.rescan(now);
-                    last_scan = now;
-                }
-                Some(_) => {}
-                None if self.need_rescan || now.duration_since(last_scan) >= SAFETY_RESCAN => {
-                    self.rescan(now);
-                    last_scan = now;
-                }
-                None => self.refresh(now),
+            match schedule.scan(now, self.need_rescan) {
+                Some(Scan::Full) => self.rescan(now),
+                Some(Scan::Refresh) => self.refresh(now),
+                None => {}
             }
-            if now.duration_since(last_recover) >= RECOVER_EVERY {
+            if schedule.recover_due(now) {
                 self.recover();
-                last_recover = now;
             }
             self.dispatch(&queue, room, now);
             self.shared.board.set_inbox(self.intake.pending_images());
@@ -556,5 +605,85 @@ impl Control<'_, '_> {
         // Jobs still in the backlog are released (their locks drop) for the next start.
         self.backlog.clear();
         drop(queue);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// A clock that moves only when told to.
+    struct FakeClock(Mutex<Instant>);
+
+    impl FakeClock {
+        fn advance(&self, by: Duration) {
+            *self.0.lock().unwrap() += by;
+        }
+    }
+
+    impl Clock for FakeClock {
+        fn now(&self) -> Instant {
+            *self.0.lock().unwrap()
+        }
+    }
+
+    /// Runs ticks of `step` until `until` has passed, returning the tick times (in ms from the
+    /// start) at which `what` happened.
+    fn ticks(
+        clock: &FakeClock,
+        step: Duration,
+        until: Duration,
+        mut what: impl FnMut(Instant) -> bool,
+    ) -> Vec<u128> {
+        let start = clock.now();
+        let mut at = Vec::new();
+        while clock.now().duration_since(start) < until {
+            clock.advance(step);
+            if what(clock.now()) {
+                at.push(clock.now().duration_since(start).as_millis());
+            }
+        }
+        at
+    }
+
+    #[test]
+    fn with_events_the_inbox_is_refreshed_each_tick_and_rescanned_every_minute_or_on_demand() {
+        let clock = FakeClock(Mutex::new(Instant::now()));
+        let mut schedule = Schedule::new(clock.now(), None);
+        let full = ticks(&clock, TICK, Duration::from_secs(150), |now| {
+            schedule.scan(now, false) == Some(Scan::Full)
+        });
+        assert_eq!(full, [60_000, 120_000]);
+        assert_eq!(schedule.scan(clock.now(), false), Some(Scan::Refresh));
+        assert_eq!(schedule.scan(clock.now(), true), Some(Scan::Full), "the watcher overflowed");
+    }
+
+    #[test]
+    fn when_polling_the_inbox_is_read_every_period_only() {
+        let clock = FakeClock(Mutex::new(Instant::now()));
+        let mut schedule = Schedule::new(clock.now(), Some(Duration::from_millis(250)));
+        let mut scans = Vec::new();
+        let at = ticks(&clock, TICK, Duration::from_secs(1), |now| {
+            let scan = schedule.scan(now, true);
+            scans.extend(scan);
+            scan.is_some()
+        });
+        assert_eq!(at, [300, 600, 900], "the first tick at or after each period");
+        assert!(scans.iter().all(|s| *s == Scan::Full));
+    }
+
+    #[test]
+    fn work_is_searched_every_10_s_and_the_config_checked_every_second() {
+        let clock = FakeClock(Mutex::new(Instant::now()));
+        let mut schedule = Schedule::new(clock.now(), None);
+        let mut configs = 0;
+        let recovers = ticks(&clock, TICK, Duration::from_secs(35), |now| {
+            configs += usize::from(schedule.config_check_due(now));
+            schedule.recover_due(now)
+        });
+        assert_eq!(recovers, [10_000, 20_000, 30_000]);
+        assert_eq!(configs, 35);
     }
 }
