@@ -568,3 +568,68 @@ fn a_full_disk_is_waited_out_without_a_restart_and_never_counts_as_a_crash() {
     assert_eq!(starts.get("first.png"), Some(&1), "not recomputed: {starts:?}");
     assert_eq!(starts.get("second.png"), Some(&1), "{starts:?}");
 }
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("mount runs");
+        assert!(status.success(), "mount -t tmpfs failed (this test needs root)");
+        Self(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+#[test]
+#[ignore = "needs root to mount a 3 MB tmpfs: cargo test --release --test daemon -- --ignored"]
+fn a_really_full_tmpfs_is_waited_out_and_the_job_completes() {
+    let disk = Tmpfs::mount("3m");
+    let root =
+        TestRoot::at(&disk.0.path().join("root"), &config_text(60, "settle_ms = 100\nsidecar_wait_ms = 0"));
+    let mut daemon = root.start(&[]);
+    root.drop_file("squeezed.png", &png_bytes(40, 30, 5));
+    daemon.until(LONG, "the job to run", || {
+        root.status().is_some_and(|s| s["running"][0]["iteration"].as_u64().is_some_and(|i| i >= 2))
+    });
+    // Fill the disk to the last byte.
+    let filler = disk.0.path().join("filler");
+    let mut file = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![7u8; 4096];
+    loop {
+        use std::io::Write;
+        match file.write_all(&chunk) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(28) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    drop(file);
+    let log = daemon.log.clone();
+    daemon.until(LONG, "the job to wait for space", || {
+        !with_message(&events_in(&log), "waiting for disk space").is_empty()
+    });
+    let events = events_in(&log);
+    let waits = with_message(&events, "waiting for disk space");
+    assert_eq!(waits[0]["step"], "result", "the computed result waits to be written: {waits:?}");
+    let dirs = root.work_dirs();
+    assert_eq!(dirs.len(), 1);
+    assert_eq!(std::fs::read_to_string(dirs[0].join(".attempts")).unwrap().trim(), "1");
+    std::fs::remove_file(&filler).unwrap();
+    daemon.until(LONG, "the job to finish", || root.files("done") == ["squeezed.png"]);
+    daemon.signal("TERM");
+    assert!(daemon.wait(Duration::from_secs(30)).success());
+    assert_eq!(root.files("out"), ["squeezed.png"]);
+    assert!(root.files("failed").is_empty() && root.work_dirs().is_empty());
+    assert_eq!(with_message(&daemon.events(), "job started").len(), 1, "never restarted nor recomputed");
+}

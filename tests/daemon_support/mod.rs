@@ -82,6 +82,16 @@ impl TestRoot {
     pub fn new(config: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path().join("drop root");
+        Self::with_root(dir, root, config)
+    }
+
+    /// A root at `root` (e.g. on a small filesystem of its own), with the config and the logs
+    /// in a temp folder elsewhere.
+    pub fn at(root: &Path, config: &str) -> Self {
+        Self::with_root(tempfile::tempdir().expect("temp dir"), root.to_path_buf(), config)
+    }
+
+    fn with_root(dir: tempfile::TempDir, root: PathBuf, config: &str) -> Self {
         std::fs::create_dir_all(root.join("styles")).unwrap();
         std::fs::create_dir_all(root.join("inbox")).unwrap();
         std::fs::copy(data("style.png"), root.join("styles/style.png")).unwrap();

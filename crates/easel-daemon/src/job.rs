@@ -241,6 +241,13 @@ fn provenance(
     ])
 }
 
+/// Writes the run's checkpoint durably through the daemon's filesystem calls (temp file
+/// synced, renamed, folder synced), as every other file of the job.
+fn write_checkpoint(shared: &Shared<'_>, run: &StyleRun, path: &Path) -> Result<(), JobError> {
+    let bytes = run.checkpoint().to_bytes()?;
+    write_durably(shared.fs.as_ref(), path, &bytes).map_err(io(path))
+}
+
 /// Runs (or resumes) the job to its end or to a stop; the result is left in the job folder.
 fn attempt(
     shared: &Shared<'_>,
@@ -281,7 +288,7 @@ fn attempt(
     let mut ran = 0u32;
     loop {
         if shared.stop.load(Ordering::SeqCst) {
-            match run.checkpoint().write(&checkpoint_path) {
+            match write_checkpoint(shared, &run, &checkpoint_path) {
                 Ok(()) => {
                     tracing::info!(job = %job.id, iteration = run.iterations_done(), "stopping: checkpoint written")
                 }
@@ -296,7 +303,7 @@ fn attempt(
         tracing::debug!(job = %job.id, iteration = p.done, total = p.total, loss = p.loss, "iteration");
         if every > 0 && p.done % every == 0 && !run.is_finished() {
             // A full disk costs resumability, not the job.
-            match run.checkpoint().write(&checkpoint_path) {
+            match write_checkpoint(shared, &run, &checkpoint_path) {
                 Ok(()) => tracing::debug!(job = %job.id, iteration = p.done, "checkpoint written"),
                 Err(e) => tracing::warn!(job = %job.id, error = %e, "cannot write checkpoint"),
             }
@@ -316,7 +323,7 @@ fn attempt(
     })?;
     if saved.is_none() {
         // Stopped while the disk was full: the finished run is kept, if there is room for it.
-        if let Err(e) = run.checkpoint().write(&checkpoint_path) {
+        if let Err(e) = write_checkpoint(shared, &run, &checkpoint_path) {
             tracing::error!(job = %job.id, error = %e, "stopping: cannot write checkpoint");
         }
         return Ok(Attempt::Interrupted);
