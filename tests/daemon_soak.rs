@@ -97,7 +97,7 @@ fn soak_jobs_with_random_kills_and_bad_files() {
     }
 
     let started = Instant::now();
-    let (mut kills, mut stops, mut double_stops, mut spells) = (0, 0, 0, 0);
+    let (mut kills, mut stops, mut double_stops, mut hasty, mut spells) = (0, 0, 0, 0, 0);
     // While this file exists every daemon call that needs disk space fails with ENOSPC.
     let full_flag = root.logs.join("disk-full");
     let faults = format!("enospc-while:{}", full_flag.display());
@@ -164,6 +164,7 @@ fn soak_jobs_with_random_kills_and_bad_files() {
                     let code = daemon.wait(Duration::from_secs(30)).code();
                     assert!(matches!(code, Some(0) | Some(1)), "a double stop exits 0 or 1: {code:?}");
                     double_stops += 1;
+                    hasty += usize::from(code == Some(1));
                 }
                 _ => {
                     daemon.signal("KILL");
@@ -186,8 +187,8 @@ fn soak_jobs_with_random_kills_and_bad_files() {
     assert!(daemon.wait(Duration::from_secs(30)).success());
     let events = root.all_events();
     eprintln!(
-        "soak: {kills} kills, {stops} stops, {double_stops} double stops, {spells} disk-full spells \
-         ({} waits for space, {} claims refused), {:.0} s",
+        "soak: {kills} kills, {stops} stops, {double_stops} double stops ({hasty} exited at the second), \
+         {spells} disk-full spells ({} waits for space, {} claims refused), {:.0} s",
         with_message(&events, "waiting for disk space").len(),
         with_message(&events, "cannot claim job").len(),
         started.elapsed().as_secs_f64()
@@ -238,8 +239,9 @@ fn soak_jobs_with_random_kills_and_bad_files() {
         .filter(|n| !known.contains(n.as_str()))
         .collect();
     assert!(extra.is_empty(), "files that were never dropped: {extra:?}");
+    let long = plan.iter().filter(|(name, _, _)| name.len() > 200).count();
     eprintln!(
-        "soak: {} done, {} failed ({crashed} after two crashes)",
+        "soak: {} done, {} failed ({crashed} after two crashes), {long} with 250-byte names",
         images_done,
         outcomes.len() - images_done
     );
