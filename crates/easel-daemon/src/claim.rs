@@ -91,6 +91,16 @@ fn inputs_of(dir: &Path) -> std::io::Result<(Option<OsString>, Option<OsString>)
     Ok((image, sidecar))
 }
 
+/// Syncs a dropped file before its claim, so that a power cut cannot leave a claimed job with
+/// data its writer never synced. A file the daemon may not open (it is read when the job runs,
+/// and fails there with its reason) is claimed unsynced.
+fn sync_dropped(fs: &dyn Fs, path: &Path) -> std::io::Result<()> {
+    match fs.sync_file(path) {
+        Err(e) if e.kind() == ErrorKind::PermissionDenied => Ok(()),
+        other => other,
+    }
+}
+
 /// The last step of a claim: the staging folder becomes `work/ID` in one rename, so a job
 /// folder always holds the whole job; then the three folders involved are synced.
 fn commit(fs: &dyn Fs, root: &Root, staging: &Path, id: &str) -> std::io::Result<PathBuf> {
@@ -139,7 +149,7 @@ pub fn claim_job(
         }
     };
     let from = root.inbox().join(image);
-    match fs.sync_file(&from).and_then(|()| fs.rename(&from, &staging.join(image))) {
+    match sync_dropped(fs, &from).and_then(|()| fs.rename(&from, &staging.join(image))) {
         Ok(()) => {}
         Err(e) => {
             abandon(&staging);
@@ -148,7 +158,7 @@ pub fn claim_job(
     }
     let sidecar = sidecar.and_then(|name| {
         let from = root.inbox().join(name);
-        match fs.sync_file(&from).and_then(|()| fs.rename(&from, &staging.join(name))) {
+        match sync_dropped(fs, &from).and_then(|()| fs.rename(&from, &staging.join(name))) {
             Ok(()) => Some(name.to_os_string()),
             Err(e) => {
                 // The job runs without it; a sidecar still in inbox/ is left for the user.
@@ -186,7 +196,7 @@ fn complete_claim(
     if with_sidecar && sidecar.is_none() {
         let name = sidecar_of(&image);
         let from = root.inbox().join(&name);
-        match fs.sync_file(&from).and_then(|()| fs.rename(&from, &staging.join(&name))) {
+        match sync_dropped(fs, &from).and_then(|()| fs.rename(&from, &staging.join(&name))) {
             Ok(()) => sidecar = Some(name),
             // Taken back by its owner: the job runs without it, as a live claim would.
             Err(e) if e.kind() == ErrorKind::NotFound => {}
