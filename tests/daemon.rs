@@ -365,3 +365,271 @@ fn config_changes_apply_from_the_next_job_and_invalid_ones_are_ignored() {
     daemon.signal("TERM");
     assert!(daemon.wait(Duration::from_secs(10)).success());
 }
+
+/// The names in `rel` that end with `suffix`.
+fn ending(root: &TestRoot, rel: &str, suffix: &str) -> Vec<String> {
+    root.files(rel).into_iter().filter(|n| n.ends_with(suffix)).collect()
+}
+
+#[test]
+fn long_names_are_shortened_to_fit_and_never_stick_in_work() {
+    let root = TestRoot::new(&config_text(2, "settle_ms = 100\nsidecar_wait_ms = 300"));
+    // A bad input whose .error.txt would pass 255 bytes.
+    let bad = format!("{}.png", "M".repeat(246));
+    root.drop_file(&bad, b"not an image at all\n");
+    // 254 bytes, with a sidecar asking for JPEG: NAME.jpg.json would be 259 bytes.
+    let jpeg_stem = "J".repeat(250);
+    root.drop_file(&format!("{jpeg_stem}.toml"), b"[output]\nformat = \"jpeg\"\n");
+    root.drop_file(&format!("{jpeg_stem}.png"), &png_bytes(40, 30, 1));
+    // 255 bytes, dropped twice: the second one's -2 names must be shortened.
+    let full = format!("{}.png", "D".repeat(251));
+    root.drop_file(&full, &png_bytes(40, 30, 2));
+    let (status, events) = root.run_once(&[]);
+    assert!(status.success());
+    root.drop_file(&full, &png_bytes(40, 30, 3));
+    let (status, more) = root.run_once(&[]);
+    assert!(status.success());
+
+    let all: Vec<String> = ["out", "done", "failed"].iter().flat_map(|d| root.files(d)).collect();
+    assert!(all.iter().all(|n| n.len() <= 255), "{all:?}");
+    assert!(root.work_dirs().is_empty(), "nothing stays in work/: {:?}", root.work_dirs());
+    assert!(root.files("inbox").is_empty());
+
+    // The bad one: in failed/ with its reason, the two sharing one (shortened) name.
+    let reasons = ending(&root, "failed", ".error.txt");
+    assert_eq!(reasons.len(), 1, "{:?}", root.files("failed"));
+    let original = reasons[0].trim_end_matches(".error.txt").to_string();
+    assert_eq!(reasons[0].len(), 255);
+    assert!(original.starts_with("MMMM") && original.ends_with(".png"), "{original}");
+    assert_eq!(root.files("failed"), [original.clone(), reasons[0].clone()]);
+    let text = std::fs::read_to_string(root.path("failed").join(&reasons[0])).unwrap();
+    assert!(text.starts_with(&bad) && text.contains("decode"), "the reason names the dropped file: {text}");
+    assert_eq!(with_message(&events, "job failed").len(), 1);
+
+    // The JPEG one: its result and provenance (shortened together) in out/, originals in done/.
+    let jpegs = ending(&root, "out", ".jpg");
+    assert_eq!(jpegs.len(), 1, "{:?}", root.files("out"));
+    assert!(jpegs[0].starts_with("JJJJ"));
+    let provenance = format!("{}.json", jpegs[0]);
+    assert_eq!(provenance.len(), 255);
+    assert!(root.path("out").join(&provenance).is_file(), "{:?}", root.files("out"));
+    assert_eq!(pixels(&root.path("out").join(&jpegs[0])).0, 32);
+    let done = root.files("done");
+    assert!(
+        done.contains(&format!("{jpeg_stem}.png")) && done.contains(&format!("{jpeg_stem}.toml")),
+        "{done:?}"
+    );
+
+    // The 255-byte one, twice: two results and two originals, all distinct.
+    let results: Vec<String> =
+        ending(&root, "out", ".png").into_iter().filter(|n| n.starts_with('D')).collect();
+    assert_eq!(results.len(), 2, "{results:?}");
+    assert!(results.contains(&full), "{results:?}");
+    let second = results.iter().find(|n| **n != full).unwrap();
+    assert!(second.ends_with("-2.png") && second.len() == 255, "{second}");
+    let originals: Vec<&String> = done.iter().filter(|n| n.starts_with('D')).collect();
+    assert_eq!(originals.len(), 2, "{done:?}");
+    assert_ne!(pixels(&root.path("out").join(&full)), pixels(&root.path("out").join(second)));
+    assert_eq!(with_message(&more, "job done").len(), 1);
+}
+
+#[test]
+fn a_symbolic_link_loop_or_to_nothing_is_reported_as_such() {
+    let root = TestRoot::new(&config_text(2, "settle_ms = 100\nsidecar_wait_ms = 0"));
+    std::os::unix::fs::symlink("loop.png", root.inbox("loop.png")).unwrap();
+    std::os::unix::fs::symlink("nowhere.png", root.inbox("dangling.png")).unwrap();
+    let (status, events) = root.run_once(&[]);
+    assert!(status.success());
+    let reason =
+        |name: &str| std::fs::read_to_string(root.path("failed").join(format!("{name}.error.txt"))).unwrap();
+    let text = reason("loop.png");
+    assert!(text.contains("loop") && !text.contains("outside"), "{text}");
+    let text = reason("dangling.png");
+    assert!(
+        text.contains("nowhere.png") && text.contains("does not exist") && !text.contains("outside"),
+        "{text}"
+    );
+    assert!(root.path("failed/loop.png").symlink_metadata().unwrap().file_type().is_symlink());
+    assert_eq!(with_message(&events, "job failed").len(), 2);
+    assert!(root.work_dirs().is_empty());
+}
+
+#[test]
+fn a_second_sigterm_exits_at_once_and_does_not_count_as_a_crash() {
+    // Iterations long enough (384 px) that the second signal comes while the first is still
+    // waiting for the running one to end.
+    let root = TestRoot::new(&config_text(400, "checkpoint_every = 1").replace("size = 32", "size = 384"));
+    let mut daemon = root.start(&[]);
+    root.drop_file("patient.png", &png_bytes(40, 30, 8));
+    daemon.until(LONG, "the job to be an iteration in", || {
+        root.status().is_some_and(|s| s["running"][0]["iteration"].as_u64().is_some_and(|i| i >= 1))
+    });
+    let (job_dir, at) = job_checkpoint(&root).expect("a checkpoint after the first iteration");
+    assert_eq!(
+        std::fs::read_to_string(job_dir.join(".attempts")).unwrap().trim(),
+        "1",
+        "counted while running"
+    );
+    daemon.signal("TERM");
+    std::thread::sleep(Duration::from_millis(20));
+    daemon.signal("TERM");
+    let status = daemon.wait(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "the second signal exits at once: {status:?}");
+    assert_eq!(
+        std::fs::read_to_string(job_dir.join(".attempts")).unwrap().trim(),
+        "0",
+        "an operator's hasty stop is no crash"
+    );
+    assert!(job_checkpoint(&root).is_some_and(|(_, d)| d >= at), "the last checkpoint holds");
+    assert!(
+        with_message(&daemon.events(), "second stop signal: exiting now; the last checkpoints hold").len()
+            == 1
+    );
+}
+
+#[test]
+fn status_counts_are_totals_across_restarts_with_this_runs_beside() {
+    let root = TestRoot::new(&config_text(2, "settle_ms = 100\nsidecar_wait_ms = 0"));
+    root.drop_file("one.png", &png_bytes(32, 32, 1));
+    root.drop_file("bad.png", b"nope");
+    assert!(root.run_once(&[]).0.success());
+    let first = root.status().unwrap();
+    assert_eq!((first["counts"]["done"].as_u64(), first["counts"]["failed"].as_u64()), (Some(1), Some(1)));
+    root.drop_file("two.png", &png_bytes(32, 32, 2));
+    assert!(root.run_once(&[]).0.success());
+    let second = root.status().unwrap();
+    assert_eq!((second["counts"]["done"].as_u64(), second["counts"]["failed"].as_u64()), (Some(2), Some(1)));
+    assert_eq!(
+        (second["this_run"]["done"].as_u64(), second["this_run"]["failed"].as_u64()),
+        (Some(1), Some(0))
+    );
+}
+
+#[test]
+fn a_full_disk_is_waited_out_without_a_restart_and_never_counts_as_a_crash() {
+    let root = TestRoot::new(&config_text(150, "settle_ms = 100\nsidecar_wait_ms = 0"));
+    let flag = root.logs.join("disk-full");
+    let faults = format!("enospc-while:{}", flag.display());
+    let env = [("EASEL_DAEMON_FAULTS", std::ffi::OsStr::new(&faults))];
+    let mut daemon = root.start_with_env(&[], &env);
+    let log = daemon.log.clone();
+    let count = |message: &str| with_message(&events_in(&log), message).len();
+    let waits = || count("waiting for disk space");
+
+    // 1. The disk fills while a job runs: its end waits, counted once, and completes when space returns.
+    root.drop_file("first.png", &png_bytes(40, 30, 1));
+    daemon.until(LONG, "the first job to run", || {
+        root.status().is_some_and(|s| s["running"][0]["iteration"].as_u64().is_some_and(|i| i >= 2))
+    });
+    std::fs::write(&flag, "").unwrap();
+    daemon.until(LONG, "the first job to wait for space", || waits() >= 2);
+    let dirs = root.work_dirs();
+    assert_eq!(dirs.len(), 1);
+    assert_eq!(std::fs::read_to_string(dirs[0].join(".attempts")).unwrap().trim(), "1");
+    assert!(root.files("out").is_empty() && root.files("failed").is_empty());
+    std::fs::remove_file(&flag).unwrap();
+    daemon.until(LONG, "the first job to finish", || root.files("done") == ["first.png"]);
+
+    // 2. A drop while the disk is full cannot be claimed; it is taken once space returns.
+    std::fs::write(&flag, "").unwrap();
+    root.drop_file("second.png", &png_bytes(40, 30, 2));
+    daemon.until(LONG, "the claim to fail", || count("cannot claim job") > 0);
+    std::fs::remove_file(&flag).unwrap();
+    daemon.until(LONG, "the second job to finish", || root.files("done").len() == 2);
+
+    // 3. A stop while a job waits for space is a clean stop; the next start finishes the job.
+    root.drop_file("third.png", &png_bytes(40, 30, 3));
+    daemon.until(LONG, "the third job to run", || {
+        root.status().is_some_and(|s| {
+            s["running"][0]["name"] == "third.png"
+                && s["running"][0]["iteration"].as_u64().is_some_and(|i| i >= 2)
+        })
+    });
+    let before = waits();
+    std::fs::write(&flag, "").unwrap();
+    daemon.until(LONG, "the third job to wait for space", || waits() > before);
+    daemon.signal("TERM");
+    assert!(daemon.wait(Duration::from_secs(30)).success());
+    let dirs = root.work_dirs();
+    assert_eq!(dirs.len(), 1);
+    assert_eq!(
+        std::fs::read_to_string(dirs[0].join(".attempts")).unwrap().trim(),
+        "0",
+        "a stop, not a crash"
+    );
+    std::fs::remove_file(&flag).unwrap();
+    let (status, _) = root.run_once(&[]);
+    assert!(status.success());
+
+    assert_eq!(root.files("done"), ["first.png", "second.png", "third.png"]);
+    assert_eq!(root.files("out"), ["first.png", "second.png", "third.png"]);
+    assert!(root.files("failed").is_empty() && root.work_dirs().is_empty());
+    let starts = starts_by_name(&root.all_events());
+    assert_eq!(starts.get("first.png"), Some(&1), "not recomputed: {starts:?}");
+    assert_eq!(starts.get("second.png"), Some(&1), "{starts:?}");
+}
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("mount runs");
+        assert!(status.success(), "mount -t tmpfs failed (this test needs root)");
+        Self(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+#[test]
+#[ignore = "needs root to mount a 3 MB tmpfs: cargo test --release --test daemon -- --ignored"]
+fn a_really_full_tmpfs_is_waited_out_and_the_job_completes() {
+    let disk = Tmpfs::mount("3m");
+    let root =
+        TestRoot::at(&disk.0.path().join("root"), &config_text(60, "settle_ms = 100\nsidecar_wait_ms = 0"));
+    let mut daemon = root.start(&[]);
+    root.drop_file("squeezed.png", &png_bytes(40, 30, 5));
+    daemon.until(LONG, "the job to run", || {
+        root.status().is_some_and(|s| s["running"][0]["iteration"].as_u64().is_some_and(|i| i >= 2))
+    });
+    // Fill the disk to the last byte.
+    let filler = disk.0.path().join("filler");
+    let mut file = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![7u8; 4096];
+    loop {
+        use std::io::Write;
+        match file.write_all(&chunk) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(28) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    drop(file);
+    let log = daemon.log.clone();
+    daemon.until(LONG, "the job to wait for space", || {
+        !with_message(&events_in(&log), "waiting for disk space").is_empty()
+    });
+    let events = events_in(&log);
+    let waits = with_message(&events, "waiting for disk space");
+    assert_eq!(waits[0]["step"], "result", "the computed result waits to be written: {waits:?}");
+    let dirs = root.work_dirs();
+    assert_eq!(dirs.len(), 1);
+    assert_eq!(std::fs::read_to_string(dirs[0].join(".attempts")).unwrap().trim(), "1");
+    std::fs::remove_file(&filler).unwrap();
+    daemon.until(LONG, "the job to finish", || root.files("done") == ["squeezed.png"]);
+    daemon.signal("TERM");
+    assert!(daemon.wait(Duration::from_secs(30)).success());
+    assert_eq!(root.files("out"), ["squeezed.png"]);
+    assert!(root.files("failed").is_empty() && root.work_dirs().is_empty());
+    assert_eq!(with_message(&daemon.events(), "job started").len(), 1, "never restarted nor recomputed");
+}

@@ -82,6 +82,16 @@ impl TestRoot {
     pub fn new(config: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path().join("drop root");
+        Self::with_root(dir, root, config)
+    }
+
+    /// A root at `root` (e.g. on a small filesystem of its own), with the config and the logs
+    /// in a temp folder elsewhere.
+    pub fn at(root: &Path, config: &str) -> Self {
+        Self::with_root(tempfile::tempdir().expect("temp dir"), root.to_path_buf(), config)
+    }
+
+    fn with_root(dir: tempfile::TempDir, root: PathBuf, config: &str) -> Self {
         std::fs::create_dir_all(root.join("styles")).unwrap();
         std::fs::create_dir_all(root.join("inbox")).unwrap();
         std::fs::copy(data("style.png"), root.join("styles/style.png")).unwrap();
@@ -154,14 +164,20 @@ impl TestRoot {
 
     /// Starts `easel watch` on this root; its JSON log goes to a file in `logs/`.
     pub fn start(&self, extra: &[&str]) -> Daemon {
+        self.start_with_env(extra, &[])
+    }
+
+    /// [`TestRoot::start`] with extra environment variables (e.g. the fault hook
+    /// `EASEL_DAEMON_FAULTS`).
+    pub fn start_with_env(&self, extra: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Daemon {
         let n = std::fs::read_dir(&self.logs).unwrap().count();
         let log = self.logs.join(format!("daemon-{n}.log"));
-        let child = self
-            .command(extra)
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .expect("easel starts");
+        let mut command = self.command(extra);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child =
+            command.stdout(Stdio::null()).stderr(File::create(&log).unwrap()).spawn().expect("easel starts");
         let mut daemon = Daemon { child, log };
         // Signals sent before the handlers are installed would kill it outright.
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -16,7 +16,9 @@ use notify::{EventKind, RecursiveMode, Watcher};
 use crate::claim::{claim_job, recover_jobs, ClaimedJob};
 use crate::config::{fingerprint, DaemonConfig};
 use crate::folders::Root;
+use crate::fsops::{FaultyFs, Fs, RealFs};
 use crate::job::{process, Shared};
+use crate::journal::RunningAttempts;
 use crate::names::lossy;
 use crate::settle::{Intake, Stat};
 use crate::status::{JobEnd, StatusBoard};
@@ -55,27 +57,79 @@ impl WatchOptions {
     }
 }
 
+/// Where the control loop reads the time: the system's monotonic clock, or a test's.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> Instant;
+}
+
+/// The system's monotonic clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
+
 /// The flags the signal handlers set: SIGTERM/SIGINT stop (a second one exits at once with
 /// status 1), SIGHUP reloads the config.
 #[derive(Debug, Clone, Default)]
 pub struct Signals {
     stop: Arc<AtomicBool>,
     reload: Arc<AtomicBool>,
+    /// What a second stop signal records before it exits.
+    running: Arc<RunningAttempts>,
 }
 
 impl Signals {
-    /// Installs the handlers (safe flag-setting handlers of `signal-hook`).
+    /// Installs the handlers: signal-hook's flag-setting handlers, and a thread that counts stop
+    /// signals through a self-pipe. At the second it records the running attempts as ended
+    /// cleanly (a stop, however hasty, is no crash) and exits with status 1; the last
+    /// checkpoints hold.
     pub fn install() -> Result<Self, DaemonError> {
         use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        use std::io::Read;
         let signals = Self::default();
+        let (mut counted, counter) = std::os::unix::net::UnixStream::pair().map_err(DaemonError::Signals)?;
         for signal in [SIGTERM, SIGINT] {
-            // Registered first, so it sees the flag as the previous signal left it.
-            signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&signals.stop))
-                .map_err(DaemonError::Signals)?;
             signal_hook::flag::register(signal, Arc::clone(&signals.stop)).map_err(DaemonError::Signals)?;
+            let counter = counter.try_clone().map_err(DaemonError::Signals)?;
+            signal_hook::low_level::pipe::register(signal, counter).map_err(DaemonError::Signals)?;
         }
         signal_hook::flag::register(SIGHUP, Arc::clone(&signals.reload)).map_err(DaemonError::Signals)?;
+        let running = Arc::clone(&signals.running);
+        std::thread::Builder::new()
+            .name("easel-signals".into())
+            .spawn(move || {
+                // One byte per signal (the pipe never fills: the second one ends the process).
+                let (mut seen, mut buf) = (0, [0u8; 8]);
+                loop {
+                    match counted.read(&mut buf) {
+                        Ok(0) => return,
+                        Ok(n) => seen += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(_) => return,
+                    }
+                    if seen >= 2 {
+                        let _held = running.end_all_cleanly(&RealFs);
+                        tracing::warn!("second stop signal: exiting now; the last checkpoints hold");
+                        std::process::exit(1);
+                    }
+                }
+            })
+            .map_err(DaemonError::Signals)?;
         Ok(signals)
+    }
+
+    /// The flag a stop sets, shared with the workers.
+    pub(crate) fn stop_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.stop)
+    }
+
+    /// The attempts a second stop signal records as ended cleanly.
+    pub(crate) fn running_attempts(&self) -> Arc<RunningAttempts> {
+        Arc::clone(&self.running)
     }
 
     /// Asks the daemon to stop as SIGTERM does.
@@ -135,10 +189,70 @@ fn worker(shared: &Shared<'_>, jobs: Receiver<ClaimedJob>, reports: Sender<(Stri
     }
 }
 
+/// How the inbox is looked at on a tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    /// Read the whole folder.
+    Full,
+    /// Re-stat the files already known (events tell about the others).
+    Refresh,
+}
+
+/// When the control loop's periodic tasks are due: pure over the instants it is given, so that
+/// tests drive it with a fake clock (as [`Intake`] is).
+#[derive(Debug)]
+struct Schedule {
+    /// `Some`: poll the inbox this often instead of using events.
+    poll: Option<Duration>,
+    last_scan: Instant,
+    last_recover: Instant,
+    last_config: Instant,
+}
+
+impl Schedule {
+    fn new(start: Instant, poll: Option<Duration>) -> Self {
+        Self { poll, last_scan: start, last_recover: start, last_config: start }
+    }
+
+    /// Whether to look at the config file for changes now.
+    fn config_check_due(&mut self, now: Instant) -> bool {
+        let due = now.duration_since(self.last_config) >= CONFIG_CHECK;
+        if due {
+            self.last_config = now;
+        }
+        due
+    }
+
+    /// How to look at the inbox now: with events, a full rescan when the watcher asked for one
+    /// (`need_rescan`) or every [`SAFETY_RESCAN`]; when polling, a full scan every poll period.
+    fn scan(&mut self, now: Instant, need_rescan: bool) -> Option<Scan> {
+        let since = now.duration_since(self.last_scan);
+        let full = match self.poll {
+            Some(every) => since >= every,
+            None => need_rescan || since >= SAFETY_RESCAN,
+        };
+        if full {
+            self.last_scan = now;
+            return Some(Scan::Full);
+        }
+        self.poll.is_none().then_some(Scan::Refresh)
+    }
+
+    /// Whether to look in `work/` for jobs a dead daemon left.
+    fn recover_due(&mut self, now: Instant) -> bool {
+        let due = now.duration_since(self.last_recover) >= RECOVER_EVERY;
+        if due {
+            self.last_recover = now;
+        }
+        due
+    }
+}
+
 /// The controller's state between ticks.
 struct Control<'s, 'r> {
     shared: &'s Shared<'r>,
     options: &'s WatchOptions,
+    clock: &'s dyn Clock,
     inbox: PathBuf,
     intake: Intake,
     /// Jobs this daemon holds (queued or running), never "recovered" by itself.
@@ -264,7 +378,7 @@ impl Control<'_, '_> {
     }
 
     fn recover(&mut self) {
-        match recover_jobs(&self.shared.root, &self.own) {
+        match recover_jobs(self.shared.fs.as_ref(), &self.shared.root, &self.own) {
             Ok(jobs) => {
                 for job in jobs {
                     tracing::info!(job = %job.id, name = %job.image.as_deref().map(lossy).unwrap_or_default(), "taking over a job left in work/");
@@ -284,7 +398,12 @@ impl Control<'_, '_> {
                 Some(job) => job,
                 None => {
                     let Some(next) = ready.next() else { break };
-                    let claimed = claim_job(&self.shared.root, &next.image, next.sidecar.as_deref());
+                    let claimed = claim_job(
+                        self.shared.fs.as_ref(),
+                        &self.shared.root,
+                        &next.image,
+                        next.sidecar.as_deref(),
+                    );
                     match claimed {
                         Ok(Some(job)) => {
                             self.intake.forget(&next.image);
@@ -351,6 +470,11 @@ impl<'r> Daemon<'r> {
     /// Runs until stopped by `signals` (or, with `--once`, until the inbox is empty). Jobs
     /// that are running when a stop comes are checkpointed and left in `work/`.
     pub fn run(self, signals: &Signals) -> Result<Summary, DaemonError> {
+        self.run_with_clock(signals, &SystemClock)
+    }
+
+    /// [`Daemon::run`], its control loop reading the time from `clock`.
+    pub fn run_with_clock(self, signals: &Signals, clock: &dyn Clock) -> Result<Summary, DaemonError> {
         let settings = self.options.apply(&self.config.settings);
         let workers = settings.workers as usize;
         let mut poll = (settings.poll_ms > 0).then(|| Duration::from_millis(settings.poll_ms));
@@ -373,20 +497,20 @@ impl<'r> Daemon<'r> {
         };
         tracing::info!(root = %self.root.path().display(), mode, workers, "watching");
         let board = StatusBoard::new(self.root.status(), mode, self.config.source().map(Path::to_path_buf));
+        board.count_existing(&self.root);
         let config_fingerprint = self.config.fingerprint;
-        let shared = Shared::new(
-            self.root,
-            self.registry,
-            self.weights,
-            self.config,
-            Arc::clone(&signals.stop),
-            board,
-        );
+        // The test hook (see fsops::FaultyFs) is read here only; unset, the real calls are made.
+        let fs: Arc<dyn Fs> = match FaultyFs::from_env() {
+            Some(faulty) => Arc::new(faulty),
+            None => Arc::new(RealFs),
+        };
+        let shared = Shared::new(self.root, self.registry, self.weights, self.config, board, fs, signals);
         let (job_tx, job_rx) = crossbeam_channel::bounded::<ClaimedJob>(workers);
         let (report_tx, report_rx) = crossbeam_channel::unbounded();
         let mut control = Control {
             shared: &shared,
             options: &self.options,
+            clock,
             inbox,
             intake: Intake::new(
                 Duration::from_millis(settings.settle_ms),
@@ -429,52 +553,42 @@ impl Control<'_, '_> {
         poll: Option<Duration>,
         room: usize,
     ) {
-        let start = Instant::now();
+        let start = self.clock.now();
         self.recover();
         self.rescan(start);
         self.shared.board.set_state("running");
-        let (mut last_scan, mut last_recover, mut last_config) = (start, start, start);
+        let mut schedule = Schedule::new(start, poll);
         loop {
             crossbeam_channel::select! {
-                recv(events) -> event => if let Ok(event) = event { self.on_event(event, Instant::now()) },
+                recv(events) -> event => if let Ok(event) = event { self.on_event(event, self.clock.now()) },
                 recv(reports) -> report => if let Ok((id, end)) = report { self.on_report(id, end) },
                 default(TICK) => {}
             }
             while let Ok(event) = events.try_recv() {
-                self.on_event(event, Instant::now());
+                self.on_event(event, self.clock.now());
             }
             while let Ok((id, end)) = reports.try_recv() {
                 self.on_report(id, end);
             }
-            let now = Instant::now();
+            let now = self.clock.now();
             if signals.stop.load(Ordering::SeqCst) {
                 tracing::info!("stopping: taking no new jobs, checkpointing running ones");
                 self.shared.board.set_state("stopping");
                 self.shared.board.write_now();
                 break;
             }
-            let changed = now.duration_since(last_config) >= CONFIG_CHECK && {
-                last_config = now;
-                self.shared.config().source().is_some_and(|p| fingerprint(p) != self.config_fingerprint)
-            };
+            let changed = schedule.config_check_due(now)
+                && self.shared.config().source().is_some_and(|p| fingerprint(p) != self.config_fingerprint);
             if signals.reload.swap(false, Ordering::SeqCst) || changed {
                 self.reload();
             }
-            match poll {
-                Some(every) if now.duration_since(last_scan) >= every => {
-                    self.rescan(now);
-                    last_scan = now;
-                }
-                Some(_) => {}
-                None if self.need_rescan || now.duration_since(last_scan) >= SAFETY_RESCAN => {
-                    self.rescan(now);
-                    last_scan = now;
-                }
-                None => self.refresh(now),
+            match schedule.scan(now, self.need_rescan) {
+                Some(Scan::Full) => self.rescan(now),
+                Some(Scan::Refresh) => self.refresh(now),
+                None => {}
             }
-            if now.duration_since(last_recover) >= RECOVER_EVERY {
+            if schedule.recover_due(now) {
                 self.recover();
-                last_recover = now;
             }
             self.dispatch(&queue, room, now);
             self.shared.board.set_inbox(self.intake.pending_images());
@@ -491,5 +605,85 @@ impl Control<'_, '_> {
         // Jobs still in the backlog are released (their locks drop) for the next start.
         self.backlog.clear();
         drop(queue);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// A clock that moves only when told to.
+    struct FakeClock(Mutex<Instant>);
+
+    impl FakeClock {
+        fn advance(&self, by: Duration) {
+            *self.0.lock().unwrap() += by;
+        }
+    }
+
+    impl Clock for FakeClock {
+        fn now(&self) -> Instant {
+            *self.0.lock().unwrap()
+        }
+    }
+
+    /// Runs ticks of `step` until `until` has passed, returning the tick times (in ms from the
+    /// start) at which `what` happened.
+    fn ticks(
+        clock: &FakeClock,
+        step: Duration,
+        until: Duration,
+        mut what: impl FnMut(Instant) -> bool,
+    ) -> Vec<u128> {
+        let start = clock.now();
+        let mut at = Vec::new();
+        while clock.now().duration_since(start) < until {
+            clock.advance(step);
+            if what(clock.now()) {
+                at.push(clock.now().duration_since(start).as_millis());
+            }
+        }
+        at
+    }
+
+    #[test]
+    fn with_events_the_inbox_is_refreshed_each_tick_and_rescanned_every_minute_or_on_demand() {
+        let clock = FakeClock(Mutex::new(Instant::now()));
+        let mut schedule = Schedule::new(clock.now(), None);
+        let full = ticks(&clock, TICK, Duration::from_secs(150), |now| {
+            schedule.scan(now, false) == Some(Scan::Full)
+        });
+        assert_eq!(full, [60_000, 120_000]);
+        assert_eq!(schedule.scan(clock.now(), false), Some(Scan::Refresh));
+        assert_eq!(schedule.scan(clock.now(), true), Some(Scan::Full), "the watcher overflowed");
+    }
+
+    #[test]
+    fn when_polling_the_inbox_is_read_every_period_only() {
+        let clock = FakeClock(Mutex::new(Instant::now()));
+        let mut schedule = Schedule::new(clock.now(), Some(Duration::from_millis(250)));
+        let mut scans = Vec::new();
+        let at = ticks(&clock, TICK, Duration::from_secs(1), |now| {
+            let scan = schedule.scan(now, true);
+            scans.extend(scan);
+            scan.is_some()
+        });
+        assert_eq!(at, [300, 600, 900], "the first tick at or after each period");
+        assert!(scans.iter().all(|s| *s == Scan::Full));
+    }
+
+    #[test]
+    fn work_is_searched_every_10_s_and_the_config_checked_every_second() {
+        let clock = FakeClock(Mutex::new(Instant::now()));
+        let mut schedule = Schedule::new(clock.now(), None);
+        let mut configs = 0;
+        let recovers = ticks(&clock, TICK, Duration::from_secs(35), |now| {
+            configs += usize::from(schedule.config_check_due(now));
+            schedule.recover_due(now)
+        });
+        assert_eq!(recovers, [10_000, 20_000, 30_000]);
+        assert_eq!(configs, 35);
     }
 }

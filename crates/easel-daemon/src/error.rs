@@ -34,6 +34,13 @@ pub enum JobError {
         "{name} is a symbolic link to {target}, outside the drop folder; easel never follows links out of it"
     )]
     LinkOutside { name: String, target: String },
+    #[error("{name} is a symbolic link to {target}, which leads back to itself (a loop of links); it cannot be read")]
+    LinkLoop { name: String, target: String },
+    #[error("{name} is a symbolic link to {target}, which does not exist")]
+    LinkDangling { name: String, target: String },
+    /// A stop came while the job waited for disk space; it stays in `work/` (never in `failed/`).
+    #[error("stopped while waiting for disk space")]
+    StoppedWaitingForSpace,
     #[error(transparent)]
     Engine(#[from] easel_engine::EngineError),
     #[error(transparent)]

@@ -1,7 +1,6 @@
 //! The watched root's folders, and moves that never replace an existing file.
 
 use std::ffi::OsStr;
-use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
 use crate::DaemonError;
@@ -67,122 +66,7 @@ impl Root {
     }
 }
 
-/// How [`move_no_clobber`] ended.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Moved {
-    /// `src` is now at `dst` (moved now, or by an earlier attempt that crashed before finishing).
-    Done,
-    /// `dst` holds some other file; pick another name.
-    Taken,
-}
-
-#[cfg(unix)]
-fn same_file(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::symlink_metadata(a), std::fs::symlink_metadata(b)) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
-    }
-}
-
-#[cfg(not(unix))]
-fn same_file(_: &Path, _: &Path) -> bool {
-    false
-}
-
-/// Moves `src` to `dst` unless `dst` exists; safe to repeat after a crash at any point.
-///
-/// A hard link is made and `src` then removed, so two daemons racing for one name cannot
-/// overwrite each other's file (a rename would replace `dst` silently). Where links are not
-/// supported (FAT, some network shares) it falls back to check-then-rename. A symbolic link is
-/// moved as a link, never followed.
-pub fn move_no_clobber(src: &Path, dst: &Path) -> std::io::Result<Moved> {
-    match std::fs::hard_link(src, dst) {
-        Ok(()) => {}
-        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
-            if !same_file(src, dst) {
-                return Ok(Moved::Taken);
-            }
-        }
-        Err(e) if e.kind() == ErrorKind::NotFound && std::fs::symlink_metadata(src).is_err() => {
-            // Moved by an earlier attempt; `dst` may since have been taken by the user.
-            return Ok(Moved::Done);
-        }
-        Err(_) => {
-            if std::fs::symlink_metadata(dst).is_ok() {
-                return Ok(Moved::Taken);
-            }
-            match std::fs::rename(src, dst) {
-                Err(e) if e.kind() == ErrorKind::CrossesDevices => copy_then_rename(src, dst)?,
-                other => other?,
-            }
-            return Ok(Moved::Done);
-        }
-    }
-    match std::fs::remove_file(src) {
-        Err(e) if e.kind() != ErrorKind::NotFound => Err(e),
-        _ => Ok(Moved::Done),
-    }
-}
-
-/// Moves `src` to `dst` on another filesystem (e.g. `out/` mounted elsewhere): a copy under a
-/// temp name beside `dst`, synced and renamed, so `dst` never holds a partial file.
-fn copy_then_rename(src: &Path, dst: &Path) -> std::io::Result<()> {
-    let tmp = easel_core::temp_path_for(dst);
-    let copied = (|| {
-        let meta = std::fs::symlink_metadata(src)?;
-        #[cfg(unix)]
-        if meta.file_type().is_symlink() {
-            std::os::unix::fs::symlink(std::fs::read_link(src)?, &tmp)?;
-            return std::fs::rename(&tmp, dst);
-        }
-        let _ = meta;
-        std::fs::copy(src, &tmp)?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, dst)
-    })();
-    if copied.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    copied?;
-    std::fs::remove_file(src)
-}
-
 /// Whether any of `names` exists in `dir`.
 pub fn any_exists(dir: &Path, names: &[&OsStr]) -> bool {
     names.iter().any(|n| std::fs::symlink_metadata(dir.join(n)).is_ok())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn moves_never_replace_and_repeat_safely() {
-        let dir = tempfile::tempdir().unwrap();
-        let (a, b, c) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("c"));
-        std::fs::write(&a, "A").unwrap();
-        std::fs::write(&b, "B").unwrap();
-        assert_eq!(move_no_clobber(&a, &b).unwrap(), Moved::Taken);
-        assert_eq!(std::fs::read_to_string(&b).unwrap(), "B");
-        assert_eq!(move_no_clobber(&a, &c).unwrap(), Moved::Done);
-        assert!(!a.exists());
-        assert_eq!(std::fs::read_to_string(&c).unwrap(), "A");
-        assert_eq!(move_no_clobber(&a, &c).unwrap(), Moved::Done, "repeating a finished move is fine");
-        // A crash between link and unlink leaves both names on one file.
-        std::fs::hard_link(&c, &a).unwrap();
-        assert_eq!(move_no_clobber(&a, &c).unwrap(), Moved::Done);
-        assert!(!a.exists());
-    }
-
-    #[cfg(unix)]
-    #[test]
-    fn symlinks_move_as_links() {
-        let dir = tempfile::tempdir().unwrap();
-        let link = dir.path().join("l");
-        std::os::unix::fs::symlink("/etc/hostname", &link).unwrap();
-        let dst = dir.path().join("m");
-        assert_eq!(move_no_clobber(&link, &dst).unwrap(), Moved::Done);
-        assert!(std::fs::symlink_metadata(&dst).unwrap().file_type().is_symlink());
-    }
 }

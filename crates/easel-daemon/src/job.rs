@@ -9,10 +9,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use easel_config::{ConfigLayers, OutputFormat, Plan};
-use easel_core::write_atomically;
 use easel_core::Registry;
 use easel_engine::{load_image, save_image, Checkpoint, ModelSpec, StyleRun};
 use easel_vgg::{Vgg19, WeightsFile};
@@ -20,20 +19,25 @@ use serde_json::{json, Value};
 
 use crate::claim::{remove_job_dir, ClaimedJob, OUTCOME};
 use crate::config::{sidecar_layer, DaemonConfig};
-use crate::folders::{any_exists, move_no_clobber, Moved, Root};
-use crate::journal::{crashed_attempts, record_attempts, MAX_CRASHES};
-use crate::names::{lossy, numbered, stem, with_extension};
+use crate::folders::{any_exists, Root};
+use crate::fsops::{is_out_of_space, message_is_out_of_space, move_no_clobber, write_durably, Fs, Moved};
+use crate::journal::{crashed_attempts, RunningAttempts, MAX_CRASHES};
+use crate::names::{lossy, numbered_fit, stem, with_extension};
 use crate::status::{JobEnd, StatusBoard};
-use crate::JobError;
+use crate::{JobError, Signals};
 
 const PLAN: &str = ".plan.toml";
 const CHECKPOINT: &str = ".checkpoint.safetensors";
 const ERROR: &str = ".error.txt";
 const RESULT: &str = ".result";
 const PROVENANCE: &str = ".result.json";
+/// The first wait before a step that failed on a full disk is retried; it doubles up to
+/// [`SPACE_MAX_WAIT`].
+const SPACE_FIRST_WAIT: Duration = Duration::from_millis(500);
+const SPACE_MAX_WAIT: Duration = Duration::from_secs(30);
 
 /// What every worker shares: the root, the plugins, the weights (mapped once), the current
-/// daemon config, the stop flag and the status board.
+/// daemon config, the stop flag, the status board, the filesystem calls and the running attempts.
 pub(crate) struct Shared<'r> {
     pub root: Root,
     pub registry: &'r Registry,
@@ -41,6 +45,8 @@ pub(crate) struct Shared<'r> {
     pub config: Mutex<Arc<DaemonConfig>>,
     pub stop: Arc<AtomicBool>,
     pub board: StatusBoard,
+    pub fs: Arc<dyn Fs>,
+    pub running: Arc<RunningAttempts>,
     /// Models already built from the weights, by depth and conventions; clones share tensors.
     vggs: Mutex<Vec<(ModelSpec, Vgg19)>>,
 }
@@ -51,16 +57,19 @@ impl<'r> Shared<'r> {
         registry: &'r Registry,
         weights: WeightsFile,
         config: DaemonConfig,
-        stop: Arc<AtomicBool>,
         board: StatusBoard,
+        fs: Arc<dyn Fs>,
+        signals: &Signals,
     ) -> Self {
         Self {
             root,
             registry,
             weights,
             config: Mutex::new(Arc::new(config)),
-            stop,
+            stop: signals.stop_flag(),
             board,
+            fs,
+            running: signals.running_attempts(),
             vggs: Mutex::new(Vec::new()),
         }
     }
@@ -97,6 +106,44 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> JobError + '_ {
     move |source| JobError::Io { path: path.to_path_buf(), source }
 }
 
+/// Runs `op` until it no longer fails for lack of disk space (`is_full`), waiting longer each
+/// time: space may come back at any moment (a user deletes files), and a full disk is no fault
+/// of the job. `Ok(None)` when a stop came while waiting.
+fn until_space<T, E: std::fmt::Display>(
+    shared: &Shared<'_>,
+    job: &ClaimedJob,
+    what: &str,
+    is_full: impl Fn(&E) -> bool,
+    mut op: impl FnMut() -> Result<T, E>,
+) -> Result<Option<T>, E> {
+    let mut wait = SPACE_FIRST_WAIT;
+    loop {
+        match op() {
+            Err(e) if is_full(&e) => {
+                tracing::warn!(job = %job.id, step = what, error = %e, retry_in_s = wait.as_secs_f64(), "waiting for disk space");
+                let until = Instant::now() + wait;
+                while Instant::now() < until {
+                    if shared.stop.load(Ordering::SeqCst) {
+                        return Ok(None);
+                    }
+                    std::thread::sleep((until - Instant::now()).min(Duration::from_millis(100)));
+                }
+                wait = (wait * 2).min(SPACE_MAX_WAIT);
+            }
+            other => return other.map(Some),
+        }
+    }
+}
+
+/// [`write_durably`], waiting for space; a stop while waiting is [`JobError::StoppedWaitingForSpace`].
+fn write_waiting(shared: &Shared<'_>, job: &ClaimedJob, path: &Path, bytes: &[u8]) -> Result<(), JobError> {
+    let fs = shared.fs.as_ref();
+    let what = path.file_name().map(lossy).unwrap_or_default();
+    until_space(shared, job, &what, is_out_of_space, || write_durably(fs, path, bytes))
+        .map_err(io(path))?
+        .ok_or(JobError::StoppedWaitingForSpace)
+}
+
 /// The job's plan: frozen in `.plan.toml` at its first start, so that a resumed job follows the
 /// plan its checkpoint was made with even if the daemon's config changed since.
 fn job_plan(shared: &Shared<'_>, job: &ClaimedJob, config: &DaemonConfig) -> Result<Plan, JobError> {
@@ -115,18 +162,25 @@ fn job_plan(shared: &Shared<'_>, job: &ClaimedJob, config: &DaemonConfig) -> Res
     }
     let text = toml::to_string(&plan.merged)
         .map_err(|e| io(&frozen)(std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())))?;
-    write_atomically(&frozen, text.as_bytes()).map_err(io(&frozen))?;
+    write_waiting(shared, job, &frozen, text.as_bytes())?;
     Ok(plan)
 }
 
-/// Refuses a dropped symbolic link that leads out of the root (or nowhere).
+/// Refuses a dropped symbolic link that leads out of the root, nowhere, or round in a loop.
 fn check_link(root: &Root, path: &Path, name: &OsStr) -> Result<(), JobError> {
     let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
-    if is_link && !root.contains(path) {
-        let target = std::fs::read_link(path).map(|t| t.display().to_string()).unwrap_or_default();
-        return Err(JobError::LinkOutside { name: lossy(name), target });
+    if !is_link {
+        return Ok(());
     }
-    Ok(())
+    let target = std::fs::read_link(path).map(|t| t.display().to_string()).unwrap_or_default();
+    let name = lossy(name);
+    match path.canonicalize() {
+        Ok(resolved) if root.contains(&resolved) => Ok(()),
+        Ok(_) => Err(JobError::LinkOutside { name, target }),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => Err(JobError::LinkLoop { name, target }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(JobError::LinkDangling { name, target }),
+        Err(_) => Err(JobError::LinkOutside { name, target }),
+    }
 }
 
 struct Prepared {
@@ -178,6 +232,13 @@ fn provenance(
     ])
 }
 
+/// Writes the run's checkpoint durably through the daemon's filesystem calls (temp file
+/// synced, renamed, folder synced), as every other file of the job.
+fn write_checkpoint(shared: &Shared<'_>, run: &StyleRun, path: &Path) -> Result<(), JobError> {
+    let bytes = run.checkpoint().to_bytes()?;
+    write_durably(shared.fs.as_ref(), path, &bytes).map_err(io(path))
+}
+
 /// Runs (or resumes) the job to its end or to a stop; the result is left in the job folder.
 fn attempt(
     shared: &Shared<'_>,
@@ -218,7 +279,7 @@ fn attempt(
     let mut ran = 0u32;
     loop {
         if shared.stop.load(Ordering::SeqCst) {
-            match run.checkpoint().write(&checkpoint_path) {
+            match write_checkpoint(shared, &run, &checkpoint_path) {
                 Ok(()) => {
                     tracing::info!(job = %job.id, iteration = run.iterations_done(), "stopping: checkpoint written")
                 }
@@ -233,7 +294,7 @@ fn attempt(
         tracing::debug!(job = %job.id, iteration = p.done, total = p.total, loss = p.loss, "iteration");
         if every > 0 && p.done % every == 0 && !run.is_finished() {
             // A full disk costs resumability, not the job.
-            match run.checkpoint().write(&checkpoint_path) {
+            match write_checkpoint(shared, &run, &checkpoint_path) {
                 Ok(()) => tracing::debug!(job = %job.id, iteration = p.done, "checkpoint written"),
                 Err(e) => tracing::warn!(job = %job.id, error = %e, "cannot write checkpoint"),
             }
@@ -245,7 +306,19 @@ fn attempt(
     let text = provenance(shared, job, image, plan)?;
     let result = job.dir.join(format!("{RESULT}.{extension}"));
     let chunks: Vec<(&str, String)> = text.iter().map(|(k, v)| (*k, v.clone())).collect();
-    save_image(&run.result()?, &result, format, plan.output.jpeg_quality, &chunks)?;
+    let painted = run.result()?;
+    // The engine reports a failed write as text; a full disk is told by the OS's own message.
+    let full = |e: &easel_engine::EngineError| matches!(e, easel_engine::EngineError::Output { reason, .. } if message_is_out_of_space(reason));
+    let saved = until_space(shared, job, "result", full, || {
+        save_image(&painted, &result, format, plan.output.jpeg_quality, &chunks)
+    })?;
+    if saved.is_none() {
+        // Stopped while the disk was full: the finished run is kept, if there is room for it.
+        if let Err(e) = write_checkpoint(shared, &run, &checkpoint_path) {
+            tracing::error!(job = %job.id, error = %e, "stopping: cannot write checkpoint");
+        }
+        return Ok(Attempt::Interrupted);
+    }
     let provenance_file = format != OutputFormat::Png;
     if provenance_file {
         // JPEG has no text chunks easel writes; the provenance goes beside the result.
@@ -254,7 +327,7 @@ fn attempt(
             .map(|(k, v)| (k.trim_start_matches("easel:").to_string(), Value::String(v)))
             .collect();
         let path = job.dir.join(PROVENANCE);
-        write_atomically(&path, format!("{:#}\n", Value::Object(map)).as_bytes()).map_err(io(&path))?;
+        write_waiting(shared, job, &path, format!("{:#}\n", Value::Object(map)).as_bytes())?;
     }
     tracing::info!(
         job = %job.id,
@@ -328,9 +401,9 @@ impl Outcome {
         Some(Outcome { done: v["kind"].as_str()? == "done", moves, deletes })
     }
 
-    fn write(&self, job: &ClaimedJob) -> Result<(), JobError> {
+    fn write(&self, shared: &Shared<'_>, job: &ClaimedJob) -> Result<(), JobError> {
         let path = job.dir.join(OUTCOME);
-        write_atomically(&path, format!("{:#}\n", self.to_json()).as_bytes()).map_err(io(&path))
+        write_waiting(shared, job, &path, format!("{:#}\n", self.to_json()).as_bytes())
     }
 }
 
@@ -345,30 +418,47 @@ fn free_number(dir: &Path, make: impl Fn(u32) -> Vec<OsString>) -> u32 {
         .unwrap_or(1)
 }
 
+/// The name `name` + `suffix` (`photo.png` + `.json`).
+fn followed(name: &OsStr, suffix: &str) -> OsString {
+    let mut n = name.to_os_string();
+    n.push(suffix);
+    n
+}
+
+/// What follows a moved file's name in its folder: its provenance beside a JPEG result in
+/// `out/`, its reason beside a failed original.
+fn follower_in(dir: &str, provenance_file: bool) -> &'static str {
+    match dir {
+        "out" if provenance_file => ".json",
+        "failed" => ERROR_SUFFIX,
+        _ => "",
+    }
+}
+
+const ERROR_SUFFIX: &str = ".error.txt";
+
 fn success_outcome(shared: &Shared<'_>, job: &ClaimedJob, image: &OsStr, finished: &Finished) -> Outcome {
     let result_name = with_extension(&stem(image), finished.extension);
-    let json_of = |name: &OsStr| {
-        let mut n = name.to_os_string();
-        n.push(".json");
-        n
-    };
+    let follower = follower_in("out", finished.provenance_file);
+    let output_for = |n| numbered_fit(&[(&result_name, follower)], n).remove(0);
     let out = folder(&shared.root, "out");
     let n = free_number(&out, |n| {
-        let name = numbered(&result_name, n);
-        vec![json_of(&name), name]
+        let name = output_for(n);
+        vec![followed(&name, ".json"), name]
     });
-    let output = numbered(&result_name, n);
+    let output = output_for(n);
     let mut moves = vec![(OsString::from(format!("{RESULT}.{}", finished.extension)), "out", output.clone())];
     if finished.provenance_file {
-        moves.push((OsString::from(PROVENANCE), "out", json_of(&output)));
+        moves.push((OsString::from(PROVENANCE), "out", followed(&output, ".json")));
     }
     let mut deletes = Vec::new();
     let inputs: Vec<&OsString> =
         std::iter::once(job.image.as_ref()).flatten().chain(job.sidecar.as_ref()).collect();
     if shared.config().settings.keep_originals {
         let done = folder(&shared.root, "done");
-        let n = free_number(&done, |n| inputs.iter().map(|i| numbered(i, n)).collect());
-        moves.extend(inputs.iter().map(|i| ((*i).clone(), "done", numbered(i, n))));
+        let names_for = |n| numbered_fit(&inputs.iter().map(|i| (i.as_os_str(), "")).collect::<Vec<_>>(), n);
+        let n = free_number(&done, names_for);
+        moves.extend(inputs.iter().zip(names_for(n)).map(|(i, name)| ((*i).clone(), "done", name)));
     } else {
         deletes.extend(inputs.into_iter().cloned());
     }
@@ -376,42 +466,57 @@ fn success_outcome(shared: &Shared<'_>, job: &ClaimedJob, image: &OsStr, finishe
 }
 
 fn failure_outcome(shared: &Shared<'_>, job: &ClaimedJob) -> Outcome {
-    let error_of = |name: &OsStr| {
-        let mut n = name.to_os_string();
-        n.push(".error.txt");
-        n
-    };
     let failed = folder(&shared.root, "failed");
     let image = job.image.clone().unwrap_or_else(|| OsString::from(&job.id));
+    // The original and its reason share one name, shortened if need be (NAME.EXT.error.txt).
+    let names_for = |n| {
+        let mut list = vec![(image.as_os_str(), ERROR_SUFFIX)];
+        list.extend(job.sidecar.iter().map(|s| (s.as_os_str(), "")));
+        numbered_fit(&list, n)
+    };
     let n = free_number(&failed, |n| {
-        let mut names = vec![numbered(&image, n), error_of(&numbered(&image, n))];
-        names.extend(job.sidecar.iter().map(|s| numbered(s, n)));
+        let mut names = names_for(n);
+        names.push(followed(&names[0], ERROR_SUFFIX));
         names
     });
+    let names = names_for(n);
     let mut moves = Vec::new();
     if job.image.is_some() {
-        moves.push((image.clone(), "failed", numbered(&image, n)));
+        moves.push((image.clone(), "failed", names[0].clone()));
     }
-    moves.push((OsString::from(ERROR), "failed", error_of(&numbered(&image, n))));
-    moves.extend(job.sidecar.iter().map(|s| (s.clone(), "failed", numbered(s, n))));
+    moves.push((OsString::from(ERROR), "failed", followed(&names[0], ERROR_SUFFIX)));
+    moves.extend(job.sidecar.iter().zip(&names[1..]).map(|(s, name)| (s.clone(), "failed", name.clone())));
     Outcome { done: false, moves, deletes: Vec::new() }
 }
 
-/// Carries out a recorded outcome; safe to repeat after a crash at any point.
+/// Carries out a recorded outcome; safe to repeat after a crash at any point. Every move is
+/// durable (see [`move_no_clobber`]); on a full disk it waits, and a stop while waiting leaves
+/// the job (its outcome recorded) for the next start: [`JobEnd::Interrupted`].
 fn carry_out(shared: &Shared<'_>, job: &ClaimedJob, mut outcome: Outcome) -> Result<JobEnd, JobError> {
+    let fs = shared.fs.as_ref();
+    let provenance_file = outcome.moves.iter().any(|(s, _, _)| s == PROVENANCE);
     for i in 0..outcome.moves.len() {
         loop {
             let (src, dir, name) = &outcome.moves[i];
             let dir_path = folder(&shared.root, dir);
             let dst = dir_path.join(name);
-            match move_no_clobber(&job.dir.join(src), &dst).map_err(io(&dst))? {
-                Moved::Done => break,
-                Moved::Taken => {
+            let from = job.dir.join(src);
+            let moved =
+                until_space(shared, job, "move", is_out_of_space, || move_no_clobber(fs, &from, &dst))
+                    .map_err(io(&dst))?;
+            match moved {
+                None => return Ok(JobEnd::Interrupted),
+                Some(Moved::Done) => break,
+                Some(Moved::Taken) => {
                     // Another daemon took the name since it was chosen: take the next free one.
-                    let base = name.clone();
-                    let n = free_number(&dir_path, |n| vec![numbered(&base, n + 1)]);
-                    outcome.moves[i].2 = numbered(&base, n + 1);
-                    outcome.write(job)?;
+                    let follower = follower_in(dir, provenance_file);
+                    let next = |n: u32| numbered_fit(&[(name.as_os_str(), follower)], n + 1).remove(0);
+                    let n = free_number(&dir_path, |n| vec![next(n)]);
+                    outcome.moves[i].2 = next(n);
+                    match outcome.write(shared, job) {
+                        Err(JobError::StoppedWaitingForSpace) => return Ok(JobEnd::Interrupted),
+                        other => other?,
+                    }
                 }
             }
         }
@@ -431,6 +536,16 @@ fn output_of(outcome: &Outcome) -> String {
     outcome.moves.first().map(|(_, d, n)| format!("{d}/{}", lossy(n))).unwrap_or_default()
 }
 
+/// Records `outcome` and carries it out; a stop while the disk is full is `Interrupted`.
+fn decide(shared: &Shared<'_>, job: &ClaimedJob, outcome: Outcome) -> Result<JobEnd, JobError> {
+    match outcome.write(shared, job) {
+        Err(JobError::StoppedWaitingForSpace) => return Ok(JobEnd::Interrupted),
+        other => other?,
+    }
+    shared.running.forget(&job.dir);
+    carry_out(shared, job, outcome)
+}
+
 fn succeed(
     shared: &Shared<'_>,
     job: &ClaimedJob,
@@ -438,10 +553,11 @@ fn succeed(
     finished: &Finished,
 ) -> Result<JobEnd, JobError> {
     let outcome = success_outcome(shared, job, image, finished);
-    outcome.write(job)?;
     let output = output_of(&outcome);
-    let end = carry_out(shared, job, outcome)?;
-    tracing::info!(job = %job.id, name = %lossy(image), output, "job done");
+    let end = decide(shared, job, outcome)?;
+    if end == JobEnd::Done {
+        tracing::info!(job = %job.id, name = %lossy(image), output, "job done");
+    }
     Ok(end)
 }
 
@@ -455,11 +571,15 @@ fn fail(shared: &Shared<'_>, job: &ClaimedJob, error: &JobError) -> Result<JobEn
         env!("CARGO_PKG_VERSION")
     );
     let path = job.dir.join(ERROR);
-    write_atomically(&path, text.as_bytes()).map_err(io(&path))?;
+    match write_waiting(shared, job, &path, text.as_bytes()) {
+        Err(JobError::StoppedWaitingForSpace) => return Ok(JobEnd::Interrupted),
+        other => other?,
+    }
     let outcome = failure_outcome(shared, job);
-    outcome.write(job)?;
-    let end = carry_out(shared, job, outcome)?;
-    tracing::warn!(job = %job.id, name, reason, "job failed");
+    let end = decide(shared, job, outcome)?;
+    if end == JobEnd::Failed {
+        tracing::warn!(job = %job.id, name, reason, "job failed");
+    }
     Ok(end)
 }
 
@@ -494,17 +614,33 @@ pub(crate) fn process(shared: &Shared<'_>, job: ClaimedJob) -> JobEnd {
         if crashes >= MAX_CRASHES {
             return fail(shared, &job, &JobError::Crashed(crashes));
         }
-        let journal = job.dir.clone();
-        record_attempts(&journal, crashes + 1).map_err(io(&journal))?;
+        let fs = shared.fs.as_ref();
+        let counted = until_space(shared, &job, ".attempts", is_out_of_space, || {
+            shared.running.begin(fs, &job.dir, crashes)
+        })
+        .map_err(io(&job.dir))?;
+        if counted.is_none() {
+            return Ok(JobEnd::Interrupted);
+        }
         let config = shared.config();
-        match catch_unwind(AssertUnwindSafe(|| attempt(shared, &job, &image, &config))) {
+        let end = match catch_unwind(AssertUnwindSafe(|| attempt(shared, &job, &image, &config))) {
             Ok(Ok(Attempt::Finished(finished))) => succeed(shared, &job, &image, &finished),
-            Ok(Ok(Attempt::Interrupted)) => {
-                record_attempts(&journal, crashes).map_err(io(&journal))?;
+            Ok(Ok(Attempt::Interrupted)) | Ok(Err(JobError::StoppedWaitingForSpace)) => {
                 Ok(JobEnd::Interrupted)
             }
             Ok(Err(e)) => fail(shared, &job, &e),
             Err(panic) => fail(shared, &job, &JobError::Panic(panic_message(panic))),
+        };
+        match end {
+            // A stop is no crash: the attempt is uncounted (a no-op once its outcome is decided).
+            Ok(JobEnd::Interrupted) => {
+                shared.running.end_cleanly(fs, &job.dir).map_err(io(&job.dir))?;
+                Ok(JobEnd::Interrupted)
+            }
+            other => {
+                shared.running.forget(&job.dir);
+                other
+            }
         }
     })();
     // The run's buffers stay mapped for reuse while it runs (see easel_vgg::alloc); between
@@ -513,6 +649,7 @@ pub(crate) fn process(shared: &Shared<'_>, job: ClaimedJob) -> JobEnd {
     match ended {
         Ok(end) => end,
         Err(e) => {
+            shared.running.forget(&job.dir);
             tracing::error!(job = %job.id, error = %e, "job could not be finished; it stays in work/");
             JobEnd::Stuck
         }

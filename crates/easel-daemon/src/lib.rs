@@ -3,7 +3,8 @@
 //!
 //! The pieces, each usable and tested on its own: [`names`] (what a dropped name means),
 //! [`settle`] (when a file is complete, with an injected clock), [`claim`] (atomic claims and
-//! per-job locks), [`journal`] (persistent attempt counts), [`status`] (`status.json`),
+//! per-job locks), [`fsops`] (durable writes and moves, behind a trait tests can record or
+//! fail), [`journal`] (persistent attempt counts), [`status`] (`status.json`),
 //! [`config`] (the daemon's config and job sidecars), and [`Daemon`], which runs them with a
 //! watcher, a queue and a pool of workers.
 
@@ -12,6 +13,7 @@ pub mod config;
 mod daemon;
 mod error;
 pub mod folders;
+pub mod fsops;
 mod job;
 pub mod journal;
 pub mod names;
@@ -20,7 +22,7 @@ pub mod status;
 
 pub use claim::{claim_job, recover_jobs, ClaimedJob};
 pub use config::DaemonConfig;
-pub use daemon::{Daemon, Signals, Summary, WatchOptions};
+pub use daemon::{Clock, Daemon, Signals, Summary, SystemClock, WatchOptions};
 pub use error::{DaemonError, JobError};
 pub use folders::Root;
 pub use settle::{Intake, ReadyJob, Stat};

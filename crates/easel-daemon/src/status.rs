@@ -29,8 +29,12 @@ struct Board {
     queue: Vec<(String, String)>,
     running: BTreeMap<String, Running>,
     inbox: usize,
+    /// Finished in this run.
     done: u64,
     failed: u64,
+    /// Found in the folders when the daemon started (results in `out/`, reasons in `failed/`).
+    done_before: u64,
+    failed_before: u64,
     dirty: bool,
     last_write: Option<Instant>,
 }
@@ -75,6 +79,8 @@ impl StatusBoard {
                 inbox: 0,
                 done: 0,
                 failed: 0,
+                done_before: 0,
+                failed_before: 0,
                 dirty: true,
                 last_write: None,
             }),
@@ -159,6 +165,29 @@ impl StatusBoard {
         }
     }
 
+    /// Counts the jobs finished before this start, from the folders: the results in `out/`
+    /// (a JPEG's `.json` provenance is no result) and the reasons in `failed/`. Totals then
+    /// survive restarts, and follow a user who clears the folders.
+    pub fn count_existing(&self, root: &crate::Root) {
+        let count = |dir: std::path::PathBuf, keep: &dyn Fn(&str) -> bool| -> u64 {
+            std::fs::read_dir(dir)
+                .map(|d| {
+                    d.flatten()
+                        .filter(|e| {
+                            let name = e.file_name().to_string_lossy().into_owned();
+                            !name.starts_with('.') && keep(&name)
+                        })
+                        .count() as u64
+                })
+                .unwrap_or(0)
+        };
+        let done = count(root.out(), &|n| !n.ends_with(".json"));
+        let failed = count(root.failed(), &|n| n.ends_with(".error.txt"));
+        let mut board = self.board();
+        board.done_before = done;
+        board.failed_before = failed;
+    }
+
     /// (done, failed) since the daemon started.
     pub fn counts(&self) -> (u64, u64) {
         let board = self.board.lock().unwrap_or_else(|e| e.into_inner());
@@ -200,7 +229,8 @@ impl StatusBoard {
             "inbox": board.inbox,
             "queue": board.queue.iter().map(|(id, name)| json!({"job": id, "name": name})).collect::<Vec<_>>(),
             "running": running,
-            "counts": {"done": board.done, "failed": board.failed},
+            "counts": {"done": board.done_before + board.done, "failed": board.failed_before + board.failed},
+            "this_run": {"done": board.done, "failed": board.failed},
         })
     }
 
@@ -249,5 +279,26 @@ mod tests {
         assert_eq!(v["running"][0]["name"], "b.jpg");
         assert_eq!(v["counts"]["done"], 1);
         assert_eq!(v["counts"]["failed"], 0);
+    }
+
+    #[test]
+    fn counts_are_totals_from_the_folders_plus_this_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = crate::Root::open(dir.path()).unwrap();
+        for name in ["a.png", "b.jpg", "b.jpg.json", ".c.png.1.tmp"] {
+            std::fs::write(root.out().join(name), "").unwrap();
+        }
+        for name in ["x.png", "x.png.error.txt", "y.toml"] {
+            std::fs::write(root.failed().join(name), "").unwrap();
+        }
+        let board = StatusBoard::new(root.status(), "events".into(), None);
+        board.count_existing(&root);
+        board.finished("1", JobEnd::Done);
+        board.finished("2", JobEnd::Failed);
+        board.finished("3", JobEnd::Interrupted);
+        let v = board.to_json();
+        assert_eq!((v["counts"]["done"].as_u64(), v["counts"]["failed"].as_u64()), (Some(3), Some(2)));
+        assert_eq!((v["this_run"]["done"].as_u64(), v["this_run"]["failed"].as_u64()), (Some(1), Some(1)));
+        assert_eq!(board.counts(), (1, 1));
     }
 }

@@ -3,7 +3,9 @@
 //! The file is safetensors: the image and each optimiser tensor keep their exact bits, and the
 //! counters and optimiser scalars live in the header's metadata (scalars as f64 bit patterns,
 //! since decimal round trips are not guaranteed by every JSON parser). One file, written to a
-//! temp name, synced and renamed, so a power cut leaves either the old checkpoint or the new.
+//! temp name, synced, renamed, and its folder synced, so a power cut leaves either the old
+//! checkpoint or the new. (The daemon writes [`Checkpoint::to_bytes`] through its own
+//! filesystem calls, in the same order, so that its tests can check it.)
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -98,8 +100,15 @@ fn scalar_value(text: &str) -> Option<f64> {
 }
 
 impl Checkpoint {
-    /// Writes the checkpoint to `path` atomically (temp name, sync, rename).
+    /// Writes the checkpoint to `path` atomically and durably (temp name, sync, rename, sync of
+    /// the folder).
     pub fn write(&self, path: &Path) -> Result<(), EngineError> {
+        let bytes = self.to_bytes()?;
+        easel_core::write_atomically(path, &bytes).map_err(|source| io(path, "write", source))
+    }
+
+    /// The checkpoint file's bytes, for a caller that writes them itself.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, EngineError> {
         let mut tensors = vec![(IMAGE.to_string(), raw(IMAGE, &self.image)?)];
         for (name, t) in &self.state.tensors {
             tensors.push((format!("{STATE_PREFIX}{name}"), raw(name, t)?));
@@ -115,10 +124,8 @@ impl Checkpoint {
             "scalars": self.state.scalars.iter().map(|(n, v)| [n.clone(), scalar_text(*v)]).collect::<Vec<_>>(),
         });
         let metadata = HashMap::from([(META_KEY.to_string(), meta.to_string())]);
-        let bytes =
-            safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), &Some(metadata))
-                .map_err(|source| invalid(path, source))?;
-        easel_core::write_atomically(path, &bytes).map_err(|source| io(path, "write", source))
+        safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), &Some(metadata))
+            .map_err(|e| EngineError::Checkpoint(format!("cannot serialise the checkpoint: {e}")))
     }
 
     /// Reads a checkpoint written by [`Checkpoint::write`]; tensors are placed on `device`.
