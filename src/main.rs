@@ -37,6 +37,8 @@ enum Command {
     Eval(commands::eval::EvalArgs),
     /// Time iterations and measure peak memory, as JSON.
     Bench(commands::bench::BenchArgs),
+    /// What a job would take: peak memory against the budget, and seconds per evaluation.
+    Plan(commands::plan::PlanArgs),
     /// Get, make and check VGG-19 weights files.
     #[command(subcommand)]
     Weights(commands::weights::WeightsCommand),
@@ -85,6 +87,7 @@ fn main() -> ExitCode {
         Command::Run(args) => commands::run::run(args, &registry),
         Command::Eval(args) => commands::eval::eval(args, &registry),
         Command::Bench(args) => commands::bench::bench(args, &registry),
+        Command::Plan(args) => commands::plan::plan(args, &registry),
         Command::Weights(cmd) => commands::weights::weights(cmd),
         Command::Config(cmd) => commands::config::config(cmd, &registry),
         Command::Plugins => commands::config::plugins(&registry),

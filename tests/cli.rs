@@ -941,3 +941,107 @@ fn weights_fetch_starts_over_when_the_server_ignores_the_range() {
     assert!(!stderr(&second).contains("resuming"), "{}", stderr(&second));
     assert_eq!(std::fs::read(&dest).expect("installed"), body);
 }
+
+/// `easel plan ARGS --json` on the sample job, parsed.
+fn plan_json(args: &[&str]) -> serde_json::Value {
+    let out = sample_job(&["plan", "--json"]).args(args).output().expect("runs");
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_slice(&out.stdout).expect("one JSON object")
+}
+
+#[test]
+fn plan_reports_the_peak_its_parts_the_strategy_and_the_time() {
+    let v = plan_json(&["--size", "128"]);
+    let parts = v["parts_mb"].as_object().expect("parts_mb");
+    for part in ["runtime", "weights", "kernel_cache", "evaluation", "images", "targets", "optimizer"] {
+        assert!(parts.contains_key(part), "{part} missing: {v}");
+    }
+    let sum: f64 = parts.values().map(|p| p.as_f64().expect("MB")).sum();
+    let peak = v["peak_rss_mb"].as_f64().expect("peak_rss_mb");
+    assert!((sum - peak).abs() <= parts.len() as f64, "the peak is the sum of its parts: {v}");
+    assert_eq!((v["width"].as_u64(), v["height"].as_u64()), (Some(128), Some(96)));
+    assert_eq!(v["strategy"], "whole");
+    assert_eq!(v["fits"], true);
+    assert_eq!(v["optimizer"], "lbfgs");
+    assert_eq!(v["lbfgs_history"], 100);
+    assert!(v["budget_mb"].as_f64().expect("budget_mb") > 0.0);
+    assert!(v["seconds_per_evaluation"].as_f64().expect("seconds") > 0.0, "{v}");
+}
+
+/// What `easel bench` measures as its peak is what `easel plan` predicted, within 15%, with
+/// Adam and with L-BFGS once its history is full.
+#[test]
+fn plan_predicts_the_peak_bench_measures_within_15_percent() {
+    let config = scratch().join("history8.toml");
+    std::fs::write(&config, "[optimizer]\ntype = \"lbfgs\"\nhistory = 8\n").unwrap();
+    let config = config.to_str().expect("UTF-8 path");
+    for (optimizer, iterations) in [("adam", "3"), ("lbfgs", "12")] {
+        for size in ["128", "256"] {
+            let args = ["--size", size, "--config", config, "--optimizer", optimizer];
+            let predicted = plan_json(&args)["peak_rss_mb"].as_f64().expect("peak_rss_mb");
+            let out = sample_job(&["bench", "--json", "--iterations", iterations])
+                .args(args)
+                .output()
+                .expect("runs");
+            assert!(out.status.success(), "{}", stderr(&out));
+            let bench: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+            let measured = bench["peak_rss_mb"].as_f64().expect("peak_rss_mb");
+            let error = (predicted - measured).abs() / measured;
+            eprintln!("{optimizer} {size} px: predicted {predicted} MB, measured {measured:.0} MB");
+            assert!(
+                error <= 0.15,
+                "{optimizer} at {size} px: predicted {predicted} MB, measured {measured} MB"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_job_over_the_memory_budget_is_refused_before_it_allocates() {
+    let dir = tempfile::tempdir().unwrap();
+    // 16384 px: hundreds of GB, far past this machine; it must fail at once, not abort on an
+    // allocation or wake the OOM killer.
+    let result = dir.path().join("huge.png");
+    let out = sample_job(&["run", "--size", "16384", "--iterations", "1"])
+        .arg("--out")
+        .arg(&result)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("needs about") && err.contains("limits.memory_mb") && err.contains("run.size ="),
+        "{err}"
+    );
+    assert!(!result.exists(), "nothing written");
+    // `easel plan` says the same without running anything.
+    let v = plan_json(&["--size", "16384"]);
+    assert_eq!(v["fits"], false);
+    assert!(v["refusal"].as_str().expect("a reason").contains("run.size ="), "{v}");
+}
+
+#[test]
+fn a_tight_budget_shortens_the_lbfgs_history_and_says_so() {
+    let config = scratch().join("tight.toml");
+    std::fs::write(&config, "[limits]\nmemory_mb = 340\n").unwrap();
+    let config = config.to_str().expect("UTF-8 path");
+    let v = plan_json(&["--size", "256", "--config", config]);
+    assert_eq!(v["fits"], true, "{v}");
+    assert_eq!(v["budget_mb"], 340.0);
+    let history = v["lbfgs_history"].as_u64().expect("lbfgs_history");
+    assert!((1..100).contains(&history), "{v}");
+    let change = v["adjustments"][0].as_str().expect("an adjustment");
+    assert_eq!(change, format!("optimizer.history lowered from 100 to {history} to fit the memory budget"));
+    assert!(v["peak_rss_mb"].as_f64().expect("peak") <= 340.0, "{v}");
+    // The run itself plans the same and says so in its log.
+    let dir = tempfile::tempdir().unwrap();
+    let result = dir.path().join("tight.png");
+    let out = sample_job(&["run", "--size", "256", "--iterations", "1", "--config", config])
+        .arg("--out")
+        .arg(&result)
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains(change), "{}", stderr(&out));
+    assert!(result.exists());
+}

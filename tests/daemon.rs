@@ -633,3 +633,23 @@ fn a_really_full_tmpfs_is_waited_out_and_the_job_completes() {
     assert!(root.files("failed").is_empty() && root.work_dirs().is_empty());
     assert_eq!(with_message(&daemon.events(), "job started").len(), 1, "never restarted nor recomputed");
 }
+
+/// A job whose sidecar asks for 16384 px is failed before it allocates, with the memory it
+/// would need, while a good job beside it (two workers) is painted and the daemon goes on.
+#[test]
+fn a_job_too_large_for_memory_fails_with_its_need_and_spares_the_others() {
+    let root = TestRoot::new(&config_text(4, "workers = 2"));
+    root.drop_file("huge.toml", b"[run]\nsize = 16384\niterations = 1\n");
+    root.drop_file("huge.png", &png_bytes(40, 30, 5));
+    root.drop_file("small.png", &png_bytes(40, 30, 6));
+    let (status, _) = root.run_once(&[]);
+    assert!(status.success());
+    assert_eq!(root.files("out"), ["small.png"]);
+    let reason = std::fs::read_to_string(root.path("failed").join("huge.png.error.txt")).expect("a reason");
+    assert!(
+        reason.contains("needs about") && reason.contains("MB") && reason.contains("run.size ="),
+        "{reason}"
+    );
+    assert!(root.files("failed").contains(&"huge.toml".to_string()));
+    assert!(root.files("inbox").is_empty() && root.work_dirs().is_empty());
+}

@@ -89,6 +89,8 @@ pub fn bench(args: BenchArgs, registry: &Registry) -> Result<()> {
             "peak_rss_mb": peak_rss_mb(),
             "rss_after_load_mb": rss_after_load,
             "kernel_cache_mb": job.run.vgg().kernel_cache_used() as f64 / (1 << 20) as f64,
+            // What `easel plan` predicted for this job, to set beside the measured peak.
+            "peak_rss_mb_predicted": (job.run.memory().peak_bytes() >> 20),
             "threads": candle_core::utils::get_num_threads(),
             "loss_first": losses.first(),
             "loss_last": losses.last(),

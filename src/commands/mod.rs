@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod config;
 pub mod eval;
+pub mod plan;
 pub mod run;
 pub mod watch;
 pub mod weights;

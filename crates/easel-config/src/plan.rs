@@ -71,11 +71,14 @@ pub struct ModelSettings {
     pub device: DeviceChoice,
 }
 
-/// `[limits]`: what input files are accepted.
+/// `[limits]`: what input files are accepted, and the memory a job may plan to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     pub max_pixels: u64,
     pub max_bytes: u64,
+    /// MiB a job may use at its peak; 0: 75% of the memory available when it starts (or of
+    /// the cgroup's `memory.max`, if lower).
+    pub memory_mb: u64,
 }
 
 /// `[output]`: how results are written by the daemon.
@@ -259,6 +262,7 @@ impl Plan {
         let limits = section(&mut top, "limits", |o| Limits {
             max_pixels: o.integer("max_pixels", 50_000_000, 1, u64::MAX >> 1),
             max_bytes: o.integer("max_bytes", 256 << 20, 1, u64::MAX >> 1),
+            memory_mb: o.integer("memory_mb", 0, 0, 1 << 30),
         });
         let output = section(&mut top, "output", |o| OutputSettings {
             format: o.choice(

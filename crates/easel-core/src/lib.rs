@@ -21,6 +21,6 @@ pub use features::{FeatureMaps, References, StyleReference};
 pub use files::{temp_path_for, write_atomically};
 pub use layer::LayerId;
 pub use loss::{LayerGrads, Loss, LossFactory};
-pub use optimizer::{Objective, Optimizer, OptimizerFactory, OptimizerState, Step};
+pub use optimizer::{Adjustment, Objective, Optimizer, OptimizerFactory, OptimizerState, Step};
 pub use options::{OptionDefault, OptionError, OptionSpec, Options};
 pub use registry::{Plugin, Registry};

@@ -48,6 +48,21 @@ impl OptimizerState {
     }
 }
 
+/// An option the memory planner lowered so that a job fits its budget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Adjustment {
+    /// Its key path, e.g. `optimizer.history`.
+    pub key: &'static str,
+    pub from: u64,
+    pub to: u64,
+}
+
+impl std::fmt::Display for Adjustment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} lowered from {} to {} to fit the memory budget", self.key, self.from, self.to)
+    }
+}
+
 /// Minimises an [`Objective`] over the image, one iteration per call.
 pub trait Optimizer: Send {
     /// Performs one iteration, updating `x` in place.
@@ -66,10 +81,10 @@ pub trait Optimizer: Send {
     /// the image-sized temporaries of a step), for the memory planner.
     fn state_bytes(&self, elements: u64) -> u64;
 
-    /// Makes the optimiser hold at most `bytes` for an image of `elements` values if its
-    /// options allow (L-BFGS keeps a shorter history), saying what it changed; `None` when it
-    /// cannot (the default).
-    fn fit_state(&mut self, _elements: u64, _bytes: u64) -> Option<String> {
+    /// Makes the optimiser hold at most `bytes` for an image of `elements` values if one of
+    /// its options allows (L-BFGS keeps a shorter history), saying what it changed; `None` when
+    /// it cannot (the default).
+    fn fit_state(&mut self, _elements: u64, _bytes: u64) -> Option<Adjustment> {
         None
     }
 }

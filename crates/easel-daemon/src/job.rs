@@ -303,7 +303,17 @@ fn attempt(
     let plan = run.plan();
     let format = plan.output.format;
     let extension = format.extension();
-    let text = provenance(shared, job, image, plan)?;
+    let mut text = provenance(shared, job, image, plan)?;
+    let memory = run.memory();
+    text.push((
+        "easel:memory",
+        json!({
+            "peak_mb_predicted": memory.peak_bytes() >> 20,
+            "budget_mb": memory.budget_bytes >> 20,
+            "adjustments": memory.adjustments.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        })
+        .to_string(),
+    ));
     let result = job.dir.join(format!("{RESULT}.{extension}"));
     let chunks: Vec<(&str, String)> = text.iter().map(|(k, v)| (*k, v.clone())).collect();
     let painted = run.result()?;

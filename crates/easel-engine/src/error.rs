@@ -23,6 +23,12 @@ pub enum EngineError {
     /// A checkpoint file is not valid safetensors.
     #[error("checkpoint: {path}: {source}")]
     CheckpointFormat { path: PathBuf, source: safetensors::SafeTensorError },
+    /// The job is predicted to need more memory than `limits.memory_mb` allows.
+    #[error(
+        "this job needs about {need_mb} MB at {width}x{height} but limits.memory_mb allows {budget_mb} MB; \
+         try {advice}"
+    )]
+    OverBudget { need_mb: u64, budget_mb: u64, width: u32, height: u32, advice: String },
     /// A tensor or image of the wrong shape for where it was given.
     #[error("shape mismatch: {0}")]
     Shape(String),

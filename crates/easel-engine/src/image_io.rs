@@ -251,7 +251,7 @@ mod tests {
     use super::*;
 
     fn limits() -> Limits {
-        Limits { max_pixels: 50_000_000, max_bytes: 1 << 28 }
+        Limits { max_pixels: 50_000_000, max_bytes: 1 << 28, memory_mb: 0 }
     }
 
     /// A 400x300 baseline JPEG of a smooth gradient, as the image crate encodes it.

@@ -3,6 +3,7 @@
 pub mod checkpoint;
 mod error;
 pub mod image_io;
+pub mod memory;
 mod model;
 mod objective;
 mod run;
@@ -11,7 +12,7 @@ pub use checkpoint::Checkpoint;
 pub use error::EngineError;
 pub use image_io::{load_image, save_image, RgbImage};
 pub use model::ModelSpec;
-pub use objective::{l2_norm, LossReport, StyleObjective};
+pub use objective::{l2_norm, layers_of, LossReport, StyleObjective};
 pub use run::{Progress, StyleRun};
 
 use candle_core::Device;

@@ -7,8 +7,9 @@ use easel_vgg::Vgg19;
 
 use crate::checkpoint::Checkpoint;
 use crate::image_io::{self, from_tensor, resize_exact, resize_longest, to_tensor, RgbImage};
+use crate::memory::{self, MemoryPlan};
 use crate::objective::{layers_of, StyleObjective};
-use crate::EngineError;
+use crate::{EngineError, ModelSpec};
 
 /// Where a run stands after an iteration.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +45,7 @@ pub struct StyleRun {
     done: u32,
     x: Tensor,
     finished: bool,
+    memory: MemoryPlan,
 }
 
 /// Uniform noise in [0, 1], the same for a seed on every platform and device.
@@ -81,6 +83,16 @@ impl StyleRun {
         content: RgbImage,
         styles: Vec<(RgbImage, f64)>,
     ) -> Result<Self, EngineError> {
+        let mut plan = plan;
+        let images: Vec<(u32, u32)> = styles.iter().map(|(img, _)| img.dimensions()).collect();
+        let budget = memory::budget_bytes(&plan.limits);
+        // Before any image-sized tensor exists: a job that cannot fit is refused here, with
+        // what it would need.
+        let spec = ModelSpec::of(&plan);
+        let memory = memory::fit(&mut plan, &spec, content.dimensions(), &images, budget)?;
+        for change in &memory.adjustments {
+            tracing::warn!("{change}");
+        }
         let sizes = plan.run.scale_sizes();
         let placeholder = Tensor::zeros((1, 3, 1, 1), candle_core::DType::F32, vgg.device())?;
         let total_weight: f64 = styles.iter().map(|(_, w)| w).sum();
@@ -96,6 +108,7 @@ impl StyleRun {
             done: 0,
             x: placeholder,
             finished: false,
+            memory,
         })
     }
 
@@ -164,6 +177,11 @@ impl StyleRun {
     /// Iterations done over all scales (those skipped by an early-converged scale included).
     pub fn iterations_done(&self) -> u32 {
         self.done
+    }
+
+    /// The memory it was planned to take, and what the planner changed to fit.
+    pub fn memory(&self) -> &MemoryPlan {
+        &self.memory
     }
 
     /// The plan this run follows.

@@ -76,7 +76,7 @@ fn cases() -> Vec<Case> {
 }
 
 fn limits() -> easel_config::Limits {
-    easel_config::Limits { max_pixels: 1 << 24, max_bytes: 1 << 24 }
+    easel_config::Limits { max_pixels: 1 << 24, max_bytes: 1 << 24, memory_mb: 0 }
 }
 
 /// A run on the golden images with the case's settings and loss weights; `optimizer` is a

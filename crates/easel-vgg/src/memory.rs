@@ -36,15 +36,18 @@ fn shapes(height: usize, width: usize, last: usize) -> Vec<(usize, usize, usize)
         .collect()
 }
 
+/// `(channels, height, width)` of the output of `layer` on an image of `height x width`.
+pub fn layer_shape(layer: LayerId, height: usize, width: usize) -> (usize, usize, usize) {
+    match layer.features_index() {
+        None => (3, height, width),
+        Some(index) => shapes(height, width, index)[index],
+    }
+}
+
 /// Elements of the output of `layer` on an image of `height x width`.
 pub fn layer_elements(layer: LayerId, height: usize, width: usize) -> u64 {
-    match layer.features_index() {
-        None => (3 * height * width) as u64,
-        Some(index) => {
-            let (c, h, w) = shapes(height, width, index)[index];
-            (c * h * w) as u64
-        }
-    }
+    let (c, h, w) = layer_shape(layer, height, width);
+    (c * h * w) as u64
 }
 
 /// The peak bytes of one evaluation on an image of `height x width` reading `layers`, beyond

@@ -90,6 +90,11 @@ impl Loss for ContentLoss {
         total.ok_or_else(|| CoreError::MissingReference("content loss has no layers".into()))
     }
 
+    /// The content image's features at each layer, f32.
+    fn target_bytes(&self, shape: &dyn Fn(LayerId) -> (u64, u64)) -> u64 {
+        self.layers.iter().map(|&l| 4 * shape(l).0 * shape(l).1).sum()
+    }
+
     /// `dL/dF = F - P`: one subtraction instead of a graph for autograd to walk back.
     fn value_and_grad(&self, features: &FeatureMaps) -> Option<Result<(f64, LayerGrads), CoreError>> {
         let run = || {

@@ -181,6 +181,11 @@ impl Loss for GramLoss {
         Ok(total)
     }
 
+    /// One `N x N` target per layer, in the sum type (f64 at most).
+    fn target_bytes(&self, shape: &dyn Fn(LayerId) -> (u64, u64)) -> u64 {
+        self.layers.iter().map(|&l| 8 * shape(l).0 * shape(l).0).sum()
+    }
+
     /// `dE_l/dF = (G - A) F / (N^2 M)`, with `G - A` formed in the sum type.
     fn value_and_grad(&self, features: &FeatureMaps) -> Option<Result<(f64, LayerGrads), CoreError>> {
         let run = || {

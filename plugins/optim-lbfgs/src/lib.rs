@@ -17,8 +17,8 @@ use std::collections::VecDeque;
 
 use easel_core::candle_core::{Tensor, TensorId};
 use easel_core::{
-    CoreError, Objective, Optimizer, OptimizerFactory, OptimizerState, OptionDefault, OptionSpec, Options,
-    Step,
+    Adjustment, CoreError, Objective, Optimizer, OptimizerFactory, OptimizerState, OptionDefault, OptionSpec,
+    Options, Step,
 };
 
 use line_search::{strong_wolfe, LinePoint};
@@ -423,22 +423,18 @@ impl Optimizer for Lbfgs {
     }
 
     /// Keeps as many history pairs as fit in `bytes`, at least one.
-    fn fit_state(&mut self, elements: u64, bytes: u64) -> Option<String> {
-        let per_pair = 2 * 4 * elements.max(1);
+    fn fit_state(&mut self, elements: u64, bytes: u64) -> Option<Adjustment> {
         let fits = (bytes / 4 / elements.max(1)).saturating_sub(STEP_TEMPORARIES) / 2;
         let history = usize::try_from(fits).unwrap_or(usize::MAX).min(self.config.history);
         if history == 0 || history == self.config.history {
             return None;
         }
-        let was = self.config.history;
+        let from = self.config.history as u64;
         self.config.history = history;
         while self.history.len() > history {
             self.history.pop_front();
         }
-        Some(format!(
-            "optimizer.history lowered from {was} to {history} to fit the memory budget ({} MB per pair)",
-            per_pair >> 20
-        ))
+        Some(Adjustment { key: "optimizer.history", from, to: history as u64 })
     }
 }
 

@@ -1,0 +1,321 @@
+//! The memory planner: what a job will hold at its peak, predicted from the plan and the image
+//! sizes before anything image-sized is allocated, and whether that fits the budget.
+//!
+//! Each part states its own share: the VGG crate the weights, the kernel cache and one
+//! evaluation's working set ([`easel_vgg::memory`]); the optimiser its state
+//! ([`easel_core::Optimizer::state_bytes`]); each loss its targets
+//! ([`easel_core::Loss::target_bytes`]). The planner adds them up for the largest scale, so
+//! `easel plan`, the run itself and the daemon use the same numbers.
+
+use easel_config::{DeviceChoice, Limits, Plan};
+use easel_core::{Adjustment, LayerId};
+use easel_vgg::memory::{evaluation_bytes, kernel_cache_bytes, layer_shape, weights_bytes, Pass};
+
+use crate::objective::layers_of;
+use crate::{EngineError, ModelSpec};
+
+const MB: u64 = 1 << 20;
+
+/// The process itself, before any model: code, the C and Rust runtimes, the thread pool's
+/// stacks, the decoded input files (bounded by `limits`). Measured with `easel bench` at
+/// small sizes, where it dominates.
+const RUNTIME_BYTES: u64 = 40 * MB;
+
+/// What glibc keeps mapped of an evaluation's freed blocks, and the allocator's own overhead,
+/// relative to the working set that [`evaluation_bytes`] counts (fitted to `easel bench`'s
+/// peak RSS from 128 to 1024 px; see the README's memory table).
+const EVALUATION_OVERHEAD: f64 = 0.9;
+
+/// Bytes of an RGB image tensor (f32) of `width x height`.
+fn image_bytes(width: u32, height: u32) -> u64 {
+    3 * 4 * u64::from(width) * u64::from(height)
+}
+
+/// `(width, height)` of an image of `width x height` resized so its longest edge is `longest`,
+/// as [`crate::image_io::resize_longest`] does.
+pub fn fitted(width: u32, height: u32, longest: u32) -> (u32, u32) {
+    let scale = f64::from(longest) / f64::from(width.max(height).max(1));
+    let side = |v: u32| ((f64::from(v) * scale).round() as u32).max(1);
+    (side(width), side(height))
+}
+
+/// One named part of a prediction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    pub name: &'static str,
+    pub bytes: u64,
+}
+
+/// What a job is predicted to hold at its peak.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryPlan {
+    /// The result's size at the last (largest) scale.
+    pub width: u32,
+    pub height: u32,
+    /// The parts at the peak, which is their sum.
+    pub parts: Vec<Part>,
+    /// The budget planned against.
+    pub budget_bytes: u64,
+    /// What the planner changed to fit (an L-BFGS history lowered), for the log and the
+    /// provenance.
+    pub adjustments: Vec<Adjustment>,
+}
+
+impl MemoryPlan {
+    /// The predicted peak resident memory.
+    pub fn peak_bytes(&self) -> u64 {
+        self.parts.iter().map(|p| p.bytes).sum()
+    }
+
+    /// Whether the prediction fits the budget.
+    pub fn fits(&self) -> bool {
+        self.peak_bytes() <= self.budget_bytes
+    }
+
+    /// The bytes of the part called `name` (0 if there is none).
+    pub fn part(&self, name: &str) -> u64 {
+        self.parts.iter().find(|p| p.name == name).map_or(0, |p| p.bytes)
+    }
+}
+
+/// The memory budget `limits` gives: `memory_mb`, or when it is 0, 75% of the memory
+/// available now, or of the cgroup's `memory.max` if that is lower (Linux; elsewhere 0 means
+/// no limit).
+pub fn budget_bytes(limits: &Limits) -> u64 {
+    if limits.memory_mb > 0 {
+        return limits.memory_mb * MB;
+    }
+    match available_bytes() {
+        Some(available) => available / 4 * 3,
+        None => u64::MAX,
+    }
+}
+
+/// Memory this process may still take: the kernel's `MemAvailable`, or what is left under the
+/// cgroup's `memory.max` if that is less.
+fn available_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 =
+        meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    let mut available = kb * 1024;
+    let cgroup = |name: &str| -> Option<u64> {
+        std::fs::read_to_string(format!("/sys/fs/cgroup/{name}")).ok()?.trim().parse().ok()
+    };
+    if let Some(max) = cgroup("memory.max") {
+        available = available.min(max.saturating_sub(cgroup("memory.current").unwrap_or(0)));
+    }
+    Some(available)
+}
+
+/// Predicts the peak of a job of `plan` on a model of `spec`, for a content image of
+/// `content` (width, height) and style images of `styles`, against `budget` bytes. Pure: no
+/// file or device is touched.
+pub fn predict(
+    plan: &Plan,
+    spec: &ModelSpec,
+    content: (u32, u32),
+    styles: &[(u32, u32)],
+    budget: u64,
+) -> MemoryPlan {
+    let layers = layers_of(&plan.losses);
+    let sizes = plan.run.scale_sizes();
+    let last = sizes.last().copied().unwrap_or(plan.run.size);
+    let (width, height) = fitted(content.0, content.1, last);
+    let (h, w) = (height as usize, width as usize);
+    let shape = |layer: LayerId| {
+        let (c, lh, lw) = layer_shape(layer, h, w);
+        (c as u64, (lh * lw) as u64)
+    };
+    // Every pass the kernel cache sees, in the order a job runs them.
+    let mut passes = Vec::new();
+    for &size in &sizes {
+        let (cw, ch) = fitted(content.0, content.1, size);
+        passes.push(Pass::Forward { height: ch as usize, width: cw as usize });
+        let style_side = ((f64::from(size) * plan.run.style_scale).round() as u32).max(1);
+        for &(sw, sh) in styles {
+            let (sw, sh) = fitted(sw, sh, style_side);
+            passes.push(Pass::Forward { height: sh as usize, width: sw as usize });
+        }
+        passes.push(Pass::Forward { height: ch as usize, width: cw as usize });
+        passes.push(Pass::Backward { height: ch as usize, width: cw as usize });
+    }
+    let cache = if spec.device == DeviceChoice::Cpu {
+        kernel_cache_bytes(spec.deepest, spec.winograd, u64::from(spec.kernel_cache_mb) * MB, &passes)
+    } else {
+        0
+    };
+    let style_side = ((f64::from(last) * plan.run.style_scale).round() as u32).max(1);
+    let style_images: u64 = styles
+        .iter()
+        .map(|&(sw, sh)| {
+            let (sw, sh) = fitted(sw, sh, style_side);
+            image_bytes(sw, sh)
+        })
+        .sum();
+    let elements = 3 * u64::from(width) * u64::from(height);
+    let evaluation = (evaluation_bytes(&layers, h, w) as f64 * EVALUATION_OVERHEAD) as u64;
+    let previews = if plan.run.save_every > 0 { image_bytes(width, height) } else { 0 };
+    let parts = vec![
+        Part { name: "runtime", bytes: RUNTIME_BYTES },
+        Part { name: "weights", bytes: weights_bytes(spec.deepest) },
+        Part { name: "kernel_cache", bytes: cache },
+        Part { name: "evaluation", bytes: evaluation },
+        // The image, its gradient, and the content image at this scale.
+        Part { name: "images", bytes: 3 * image_bytes(width, height) + style_images + previews },
+        Part { name: "targets", bytes: plan.losses.iter().map(|l| l.loss.target_bytes(&shape)).sum() },
+        Part { name: "optimizer", bytes: plan.optimizer.plugin.state_bytes(elements) },
+    ];
+    MemoryPlan { width, height, parts, budget_bytes: budget, adjustments: Vec::new() }
+}
+
+/// Plans `plan` against `budget` bytes: as predicted if that fits; else with the optimiser's
+/// state shrunk to fit (an L-BFGS history lowered, said in the result's `adjustments`); else
+/// an error with the predicted need and what to change.
+pub fn fit(
+    plan: &mut Plan,
+    spec: &ModelSpec,
+    content: (u32, u32),
+    styles: &[(u32, u32)],
+    budget: u64,
+) -> Result<MemoryPlan, EngineError> {
+    let predicted = predict(plan, spec, content, styles, budget);
+    if predicted.fits() {
+        return Ok(predicted);
+    }
+    let elements = 3 * u64::from(predicted.width) * u64::from(predicted.height);
+    let others = predicted.peak_bytes() - predicted.part("optimizer");
+    if let Some(change) = plan.optimizer.plugin.fit_state(elements, budget.saturating_sub(others)) {
+        let mut refitted = predict(plan, spec, content, styles, budget);
+        if refitted.fits() {
+            refitted.adjustments.push(change);
+            return Ok(refitted);
+        }
+    }
+    Err(EngineError::OverBudget {
+        need_mb: predicted.peak_bytes().div_ceil(MB),
+        budget_mb: budget / MB,
+        width: predicted.width,
+        height: predicted.height,
+        advice: advice(plan, &predicted),
+    })
+}
+
+/// What to change when a job does not fit: a smaller `run.size` that would, and the
+/// optimiser's share if it is large.
+fn advice(plan: &Plan, predicted: &MemoryPlan) -> String {
+    let fixed = predicted.part("runtime") + predicted.part("weights") + predicted.part("kernel_cache");
+    let scalable = predicted.peak_bytes() - fixed;
+    let mut hints = Vec::new();
+    if predicted.budget_bytes > fixed && scalable > 0 {
+        // Everything else grows with the pixels, so with the square of the side.
+        let ratio = ((predicted.budget_bytes - fixed) as f64 / scalable as f64).sqrt();
+        let size = (f64::from(plan.run.size) * ratio * 0.95).floor() as u32;
+        if size >= 16 {
+            hints.push(format!("run.size = {size} or less"));
+        }
+    } else {
+        hints.push("a larger limits.memory_mb (the model itself does not fit)".to_string());
+    }
+    let optimizer = predicted.part("optimizer");
+    if optimizer * 4 > predicted.peak_bytes() {
+        hints.push(format!(
+            "optimizer \"{}\" holds {} MB: \"adam\" holds far less (or lower optimizer.history)",
+            plan.optimizer.kind,
+            optimizer / MB
+        ));
+    }
+    if predicted.part("kernel_cache") > 32 * MB {
+        hints.push("a smaller model.kernel_cache_mb".to_string());
+    }
+    hints.join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image_io::resize_longest;
+    use easel_config::ConfigLayers;
+
+    fn plan(extra: &str) -> Plan {
+        ConfigLayers::defaults()
+            .with_text("test.toml", extra)
+            .expect("parses")
+            .plan(&easel_plugins::builtin())
+            .expect("valid plan")
+    }
+
+    #[test]
+    fn fitted_sizes_are_those_resize_longest_makes() {
+        for (w, h, longest) in [(128, 96, 512), (97, 131, 64), (4000, 3000, 333), (1, 500, 17)] {
+            let image = crate::RgbImage::new(w, h);
+            assert_eq!(
+                fitted(w, h, longest),
+                resize_longest(&image, longest).dimensions(),
+                "{w}x{h} to {longest}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_peak_is_the_sum_of_parts_that_grow_with_the_image() {
+        let plan = plan("[optimizer]\ntype = \"adam\"");
+        let spec = ModelSpec::of(&plan);
+        let small = predict(&plan, &spec, (1024, 768), &[(800, 600)], u64::MAX);
+        let mut larger = plan;
+        larger.run.size = 1024;
+        let large = predict(&larger, &spec, (1024, 768), &[(800, 600)], u64::MAX);
+        assert_eq!((small.width, small.height), (512, 384));
+        assert_eq!(small.peak_bytes(), small.parts.iter().map(|p| p.bytes).sum::<u64>());
+        for part in ["evaluation", "images", "targets", "optimizer"] {
+            // Four times the pixels: about four times the bytes (targets' Gram part does not grow).
+            assert!(
+                large.part(part) > small.part(part) * 2,
+                "{part}: {} vs {}",
+                large.part(part),
+                small.part(part)
+            );
+        }
+        for part in ["runtime", "weights", "kernel_cache"] {
+            assert_eq!(large.part(part), small.part(part), "{part} does not grow with the image");
+        }
+        // Adam holds its two moments and a step's temporaries.
+        assert_eq!(small.part("optimizer"), 16 * 3 * 512 * 384);
+    }
+
+    #[test]
+    fn a_tight_budget_shortens_the_lbfgs_history_and_a_tighter_one_refuses_with_advice() {
+        let mut plan = plan("[run]\nsize = 512");
+        let spec = ModelSpec::of(&plan);
+        let full = predict(&plan, &spec, (1024, 768), &[], u64::MAX);
+        let budget = full.peak_bytes() - full.part("optimizer") / 2;
+        let fitted = fit(&mut plan, &spec, (1024, 768), &[], budget).expect("fits with a shorter history");
+        assert!(fitted.fits() && fitted.peak_bytes() <= budget);
+        let change = &fitted.adjustments[0];
+        assert_eq!((change.key, change.from), ("optimizer.history", 100));
+        assert!(change.to > 1 && change.to < 100, "{change}");
+        assert_eq!(plan.optimizer.plugin.state_bytes(1), 4 * (2 * change.to + 6));
+
+        let mut adam = super::tests::plan("[run]\nsize = 512\n[optimizer]\ntype = \"adam\"");
+        let err = fit(&mut adam, &spec, (1024, 768), &[], 400 * MB).unwrap_err();
+        let EngineError::OverBudget { need_mb, budget_mb, ref advice, .. } = err else { panic!("{err}") };
+        assert_eq!(budget_mb, 400);
+        assert!(need_mb > 400, "{need_mb}");
+        // The advised size fits.
+        let size: u32 = advice
+            .strip_prefix("run.size = ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{advice}"));
+        adam.run.size = size;
+        assert!(predict(&adam, &spec, (1024, 768), &[], 400 * MB).fits(), "{size}");
+        assert!(err.to_string().contains("limits.memory_mb"), "{err}");
+    }
+
+    #[test]
+    fn a_16384_px_job_is_refused_even_with_64_gb() {
+        let mut plan = plan("[run]\nsize = 16384\niterations = 1");
+        let spec = ModelSpec::of(&plan);
+        let err = fit(&mut plan, &spec, (4000, 3000), &[(800, 600)], 64 << 30).unwrap_err();
+        assert!(matches!(err, EngineError::OverBudget { need_mb, .. } if need_mb > 100_000), "{err}");
+    }
+}
