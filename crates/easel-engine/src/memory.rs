@@ -224,8 +224,9 @@ fn advice(plan: &Plan, predicted: &MemoryPlan) -> String {
             optimizer / MB
         ));
     }
-    if predicted.part("kernel_cache") > 32 * MB {
-        hints.push("a smaller model.kernel_cache_mb".to_string());
+    let cache = predicted.part("kernel_cache");
+    if cache > 0 && predicted.peak_bytes() - cache <= predicted.budget_bytes {
+        hints.push(format!("model.kernel_cache_mb below {}", cache / MB));
     }
     hints.join("; ")
 }

@@ -1,9 +1,12 @@
 //! The hand-written input gradient of VGG-19 against candle's autograd through a plain
 //! reference forward pass, at odd sizes where pooling drops a row or column.
 
+mod support;
+
 use candle_core::{DType, Device, Tensor, Var};
 use easel_core::LayerId;
 use easel_vgg::{Backend, Pooling, Preprocess, Vgg19, WeightsFile, Winograd, CONVS, POOLS};
+use support::synth_weights;
 
 /// 2x2 pooling from reshapes and reductions, whose autograd is exact. (candle 0.11's own
 /// pooling backward differs from PyTorch: max pooling scales the gradient by 1/4, and average
@@ -88,10 +91,7 @@ fn pseudo_random(seed: u64, low: f32, high: f32, dims: &[usize]) -> Tensor {
 
 #[test]
 fn input_gradient_matches_autograd_on_every_backend_and_mode() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("w.safetensors");
-    easel_vgg::synth::write(1, &path).unwrap();
-    let weights = WeightsFile::open(&path).unwrap();
+    let (_dir, weights) = synth_weights(1);
     let dev = Device::Cpu;
     // 45 x 37: odd at several pooling stages (45 -> 22 -> 11 -> 5, 37 -> 18 -> 9 -> 4).
     let odd = pseudo_random(0, 0.0, 1.0, &[1, 3, 37, 45]);
@@ -159,10 +159,7 @@ fn input_gradient_matches_autograd_on_every_backend_and_mode() {
 /// only serves the backend that made it.
 #[test]
 fn gradients_that_do_not_fit_the_trace_are_errors() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("w.safetensors");
-    easel_vgg::synth::write(1, &path).unwrap();
-    let weights = WeightsFile::open(&path).unwrap();
+    let (_dir, weights) = synth_weights(1);
     let cpu =
         Vgg19::load(&weights, LayerId::Relu2_1, Pooling::Max, Preprocess::Torchvision, &Device::Cpu).unwrap();
     let x = pseudo_random(3, 0.0, 1.0, &[1, 3, 20, 24]);

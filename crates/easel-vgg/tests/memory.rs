@@ -1,18 +1,18 @@
 //! The memory module's predictions against what a model really keeps.
 
+mod support;
+
 use candle_core::{Device, Tensor};
 use easel_core::LayerId;
 use easel_vgg::memory::{kernel_cache_bytes, Pass};
-use easel_vgg::{Pooling, Preprocess, Vgg19, WeightsFile, Winograd};
+use easel_vgg::{Pooling, Preprocess, Vgg19, Winograd};
+use support::synth_weights;
 
 /// The kernel cache holds exactly what `kernel_cache_bytes` predicts after reference passes
 /// and an evaluation, for every Winograd mode, with room for all and with a tight budget.
 #[test]
 fn kernel_cache_prediction_is_exact() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("w.safetensors");
-    easel_vgg::synth::write(2, &path).unwrap();
-    let weights = WeightsFile::open(&path).unwrap();
+    let (_dir, weights) = synth_weights(2);
     let layers = [LayerId::Relu1_1, LayerId::Relu3_1, LayerId::Relu4_2, LayerId::Relu5_1];
     let (style_h, style_w) = (72, 100);
     for (h, w) in [(96, 128), (150, 200)] {

@@ -4,16 +4,16 @@
 //! The direct path keeps them everywhere; the default (`Winograd::Deep`) in the first two
 //! blocks, whose features feed pool1 and pool2.
 
+mod support;
+
 use candle_core::{Device, Tensor};
 use easel_core::LayerId;
-use easel_vgg::{Pooling, Preprocess, Vgg19, WeightsFile, Winograd};
+use easel_vgg::{Pooling, Preprocess, Vgg19, Winograd};
+use support::synth_weights;
 
 /// VGG-19 to relu3_1 with max pooling, on synthetic weights (seed 0).
 fn model() -> Vgg19 {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("w.safetensors");
-    easel_vgg::synth::write(0, &path).unwrap();
-    let weights = WeightsFile::open(&path).unwrap();
+    let (_dir, weights) = synth_weights(0);
     Vgg19::load(&weights, LayerId::Relu3_1, Pooling::Max, Preprocess::Torchvision, &Device::Cpu).unwrap()
 }
 
