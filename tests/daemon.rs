@@ -435,9 +435,12 @@ fn long_names_are_shortened_to_fit_and_never_stick_in_work() {
 
 #[test]
 fn a_symbolic_link_loop_or_to_nothing_is_reported_as_such() {
-    let root = TestRoot::new(&config_text(2, "settle_ms = 100\nsidecar_wait_ms = 0"));
+    let root = TestRoot::new(&config_text(2, "settle_ms = 100\nsidecar_wait_ms = 300"));
     std::os::unix::fs::symlink("loop.png", root.inbox("loop.png")).unwrap();
     std::os::unix::fs::symlink("nowhere.png", root.inbox("dangling.png")).unwrap();
+    // A sidecar that is a loop of links is named as such too.
+    root.drop_file("looped.png", &png_bytes(20, 20, 3));
+    std::os::unix::fs::symlink("looped.toml", root.inbox("looped.toml")).unwrap();
     let (status, events) = root.run_once(&[]);
     assert!(status.success());
     let reason =
@@ -449,8 +452,10 @@ fn a_symbolic_link_loop_or_to_nothing_is_reported_as_such() {
         text.contains("nowhere.png") && text.contains("does not exist") && !text.contains("outside"),
         "{text}"
     );
+    let text = reason("looped.png");
+    assert!(text.contains("looped.toml") && text.contains("loop") && !text.contains("outside"), "{text}");
     assert!(root.path("failed/loop.png").symlink_metadata().unwrap().file_type().is_symlink());
-    assert_eq!(with_message(&events, "job failed").len(), 2);
+    assert_eq!(with_message(&events, "job failed").len(), 3);
     assert!(root.work_dirs().is_empty());
 }
 

@@ -129,10 +129,8 @@ impl DaemonConfig {
 /// listed in the error.
 pub fn sidecar_layer(path: &Path, root: &Root) -> Result<Table, String> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let meta = std::fs::symlink_metadata(path).map_err(|e| format!("{name}: {e}"))?;
-    if meta.file_type().is_symlink() && !root.contains(path) {
-        return Err(format!("{name}: a symbolic link to outside the drop folder; easel does not follow it"));
-    }
+    std::fs::symlink_metadata(path).map_err(|e| format!("{name}: {e}"))?;
+    root.check_link(path, &name).map_err(|e| e.to_string())?;
     if std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) > MAX_SIDECAR_BYTES {
         return Err(format!("{name}: larger than {MAX_SIDECAR_BYTES} bytes; not a sidecar"));
     }

@@ -3,7 +3,7 @@
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
-use crate::DaemonError;
+use crate::{DaemonError, JobError};
 
 /// The folders of a drop-folder root (see DESIGN.md, "Drop-folder protocol").
 #[derive(Debug, Clone)]
@@ -63,6 +63,26 @@ impl Root {
     /// Whether `path` (resolved through symbolic links) lies inside the root.
     pub fn contains(&self, path: &Path) -> bool {
         path.canonicalize().is_ok_and(|p| p.starts_with(&self.path))
+    }
+
+    /// Refuses a dropped symbolic link (an image or a sidecar, called `name` in the error)
+    /// that leads out of the root, nowhere, or round in a loop; anything else passes.
+    pub fn check_link(&self, path: &Path, name: &str) -> Result<(), JobError> {
+        let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+        if !is_link {
+            return Ok(());
+        }
+        let target = std::fs::read_link(path).map(|t| t.display().to_string()).unwrap_or_default();
+        let name = name.to_string();
+        match path.canonicalize() {
+            Ok(resolved) if resolved.starts_with(&self.path) => Ok(()),
+            Ok(_) => Err(JobError::LinkOutside { name, target }),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => Err(JobError::LinkLoop { name, target }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(JobError::LinkDangling { name, target })
+            }
+            Err(_) => Err(JobError::LinkOutside { name, target }),
+        }
     }
 }
 

@@ -166,23 +166,6 @@ fn job_plan(shared: &Shared<'_>, job: &ClaimedJob, config: &DaemonConfig) -> Res
     Ok(plan)
 }
 
-/// Refuses a dropped symbolic link that leads out of the root, nowhere, or round in a loop.
-fn check_link(root: &Root, path: &Path, name: &OsStr) -> Result<(), JobError> {
-    let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
-    if !is_link {
-        return Ok(());
-    }
-    let target = std::fs::read_link(path).map(|t| t.display().to_string()).unwrap_or_default();
-    let name = lossy(name);
-    match path.canonicalize() {
-        Ok(resolved) if root.contains(&resolved) => Ok(()),
-        Ok(_) => Err(JobError::LinkOutside { name, target }),
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => Err(JobError::LinkLoop { name, target }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(JobError::LinkDangling { name, target }),
-        Err(_) => Err(JobError::LinkOutside { name, target }),
-    }
-}
-
 struct Prepared {
     plan: Plan,
     vgg: Vgg19,
@@ -198,7 +181,7 @@ fn prepare(
 ) -> Result<Prepared, JobError> {
     let plan = job_plan(shared, job, config)?;
     let content_path = job.dir.join(image);
-    check_link(&shared.root, &content_path, image)?;
+    shared.root.check_link(&content_path, &lossy(image))?;
     let content = load_image(&content_path, &plan.limits).map_err(|e| match e {
         // The job folder is an implementation detail; the user knows the file by its name.
         easel_engine::EngineError::Image { reason, .. } => {
