@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use crate::claim::{remove_job_dir, ClaimedJob, OUTCOME};
 use crate::config::{sidecar_layer, DaemonConfig};
 use crate::folders::{any_exists, Root};
-use crate::fsops::{is_out_of_space, message_is_out_of_space, move_no_clobber, write_durably, Fs, Moved};
+use crate::fsops::{is_out_of_space, move_no_clobber, write_durably, Fs, Moved};
 use crate::journal::{crashed_attempts, RunningAttempts, MAX_CRASHES};
 use crate::names::{lossy, numbered_fit, stem, with_extension};
 use crate::status::{JobEnd, StatusBoard};
@@ -300,8 +300,7 @@ fn attempt(
     let result = job.dir.join(format!("{RESULT}.{extension}"));
     let chunks: Vec<(&str, String)> = text.iter().map(|(k, v)| (*k, v.clone())).collect();
     let painted = run.result()?;
-    // The engine reports a failed write as text; a full disk is told by the OS's own message.
-    let full = |e: &easel_engine::EngineError| matches!(e, easel_engine::EngineError::Output { reason, .. } if message_is_out_of_space(reason));
+    let full = |e: &easel_engine::EngineError| matches!(e, easel_engine::EngineError::Write { source, .. } if is_out_of_space(source));
     let saved = until_space(shared, job, "result", full, || {
         save_image(&painted, &result, format, plan.output.jpeg_quality, &chunks)
     })?;

@@ -7,8 +7,12 @@ use std::path::PathBuf;
 pub enum EngineError {
     #[error("{path}: {reason}")]
     Image { path: PathBuf, reason: String },
+    /// The result could not be encoded.
     #[error("{path}: cannot write result: {reason}")]
     Output { path: PathBuf, reason: String },
+    /// The result could not be written (a full disk among the causes: the source says).
+    #[error("{path}: cannot write result: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Vgg(#[from] easel_vgg::VggError),
     #[error(transparent)]

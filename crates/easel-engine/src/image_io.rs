@@ -243,7 +243,8 @@ pub fn save_image(
 ) -> Result<(), EngineError> {
     let fail = |reason: String| EngineError::Output { path: path.to_path_buf(), reason };
     let data = encode(image, format, jpeg_quality, text).map_err(fail)?;
-    easel_core::write_atomically(path, &data).map_err(|e| fail(e.to_string()))
+    easel_core::write_atomically(path, &data)
+        .map_err(|source| EngineError::Write { path: path.to_path_buf(), source })
 }
 
 #[cfg(test)]
