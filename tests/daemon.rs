@@ -658,3 +658,36 @@ fn a_job_too_large_for_memory_fails_with_its_need_and_spares_the_others() {
     assert!(root.files("failed").contains(&"huge.toml".to_string()));
     assert!(root.files("inbox").is_empty() && root.work_dirs().is_empty());
 }
+
+/// With two workers and a budget that holds one 512 px job but not two, the second waits for
+/// the first to end instead of running beside it; both are painted.
+#[test]
+fn jobs_run_side_by_side_only_while_their_memory_fits_together() {
+    let mut config = config_text(2, "workers = 2");
+    // One job is predicted at ~560 MB, of which ~220 MB (weights, kernel cache) are shared.
+    config.push_str("\n[limits]\nmemory_mb = 700\n");
+    let root = TestRoot::new(&config);
+    for name in ["first", "second"] {
+        root.drop_file(&format!("{name}.toml"), b"[run]\nsize = 512\n");
+        root.drop_file(&format!("{name}.png"), &png_bytes(40, 30, 7));
+    }
+    let (status, events) = root.run_once(&[]);
+    assert!(status.success());
+    assert_eq!(root.files("out"), ["first.png", "second.png"]);
+    let position = |message: &str| {
+        events
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e["fields"]["message"] == message)
+            .map(|(i, _)| i)
+            .collect::<Vec<_>>()
+    };
+    let (started, done, waited) = (
+        position("job started"),
+        position("job done"),
+        position("waiting for memory: running jobs hold the rest of the budget"),
+    );
+    assert_eq!((started.len(), done.len()), (2, 2), "{events:?}");
+    assert_eq!(waited.len(), 1, "one job waited");
+    assert!(done[0] < started[1], "the second started after the first was done: {started:?} {done:?}");
+}

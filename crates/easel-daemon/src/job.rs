@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 
 use easel_config::{ConfigLayers, OutputFormat, Plan};
 use easel_core::Registry;
-use easel_engine::{load_image, save_image, Checkpoint, ModelSpec, StyleRun};
+use easel_engine::{load_image, memory, save_image, Checkpoint, ModelSpec, StyleRun};
 use easel_vgg::{Vgg19, WeightsFile};
 use serde_json::{json, Value};
 
+use crate::admission::Admission;
 use crate::claim::{remove_job_dir, ClaimedJob, OUTCOME};
 use crate::config::{sidecar_layer, DaemonConfig};
 use crate::folders::{any_exists, Root};
@@ -47,6 +48,8 @@ pub(crate) struct Shared<'r> {
     pub board: StatusBoard,
     pub fs: Arc<dyn Fs>,
     pub running: Arc<RunningAttempts>,
+    /// Jobs run side by side only while their predicted memory fits the budget together.
+    pub admission: Admission,
     /// Models already built from the weights, by depth and conventions; clones share tensors.
     vggs: Mutex<Vec<(ModelSpec, Vgg19)>>,
 }
@@ -61,6 +64,9 @@ impl<'r> Shared<'r> {
         fs: Arc<dyn Fs>,
         signals: &Signals,
     ) -> Self {
+        // The budget is the memory available when the daemon starts (or limits.memory_mb):
+        // every job plans against it, and the running jobs share it.
+        let budget = config.plan(registry).map_or(u64::MAX, |plan| memory::budget_bytes(&plan.limits));
         Self {
             root,
             registry,
@@ -70,6 +76,7 @@ impl<'r> Shared<'r> {
             board,
             fs,
             running: signals.running_attempts(),
+            admission: Admission::new(budget),
             vggs: Mutex::new(Vec::new()),
         }
     }
@@ -230,7 +237,19 @@ fn attempt(
     config: &DaemonConfig,
 ) -> Result<Attempt, JobError> {
     let checkpoint_path = job.dir.join(CHECKPOINT);
-    let prepared = prepare(shared, job, image, config)?;
+    let mut prepared = prepare(shared, job, image, config)?;
+    let budget = shared.admission.budget();
+    prepared.plan.limits.memory_mb = budget >> 20;
+    let spec = ModelSpec::of(&prepared.plan);
+    let styles: Vec<(u32, u32)> = prepared.styles.iter().map(|(image, _)| image.dimensions()).collect();
+    let memory = memory::fit(&mut prepared.plan, &spec, prepared.content.dimensions(), &styles, budget)?;
+    let waiting = || {
+        let need_mb = memory.peak_bytes() >> 20;
+        tracing::info!(job = %job.id, need_mb, "waiting for memory: running jobs hold the rest of the budget");
+    };
+    let Some(_admitted) = shared.admission.admit(&memory, &shared.stop, waiting) else {
+        return Ok(Attempt::Interrupted);
+    };
     let mut run = match checkpoint_path.exists() {
         false => StyleRun::new(prepared.plan, prepared.vgg, prepared.content, prepared.styles)?,
         true => {
@@ -242,7 +261,8 @@ fn attempt(
                 Err(e) => {
                     tracing::warn!(job = %job.id, error = %e, "checkpoint unusable; starting the job over");
                     let _ = std::fs::remove_file(&checkpoint_path);
-                    let p = prepare(shared, job, image, config)?;
+                    let mut p = prepare(shared, job, image, config)?;
+                    p.plan.limits.memory_mb = budget >> 20;
                     StyleRun::new(p.plan, p.vgg, p.content, p.styles)?
                 }
             }
@@ -287,7 +307,6 @@ fn attempt(
     let format = plan.output.format;
     let extension = format.extension();
     let mut text = provenance(shared, job, image, plan)?;
-    let memory = run.memory();
     text.push((
         "easel:memory",
         json!({

@@ -8,6 +8,7 @@
 //! [`config`] (the daemon's config and job sidecars), and [`Daemon`], which runs them with a
 //! watcher, a queue and a pool of workers.
 
+mod admission;
 pub mod claim;
 pub mod config;
 mod daemon;

@@ -67,6 +67,12 @@ impl MemoryPlan {
         self.parts.iter().map(|p| p.bytes).sum()
     }
 
+    /// The parts that jobs in one process share (the runtime, the weights, the kernel cache):
+    /// the rest is this job's own.
+    pub fn shared_bytes(&self) -> u64 {
+        self.part("runtime") + self.part("weights") + self.part("kernel_cache")
+    }
+
     /// Whether the prediction fits the budget.
     pub fn fits(&self) -> bool {
         self.peak_bytes() <= self.budget_bytes
@@ -203,7 +209,7 @@ pub fn fit(
 /// What to change when a job does not fit: a smaller `run.size` that would, and the
 /// optimiser's share if it is large.
 fn advice(plan: &Plan, predicted: &MemoryPlan) -> String {
-    let fixed = predicted.part("runtime") + predicted.part("weights") + predicted.part("kernel_cache");
+    let fixed = predicted.shared_bytes();
     let scalable = predicted.peak_bytes() - fixed;
     let mut hints = Vec::new();
     if predicted.budget_bytes > fixed && scalable > 0 {
