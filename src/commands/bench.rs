@@ -89,6 +89,7 @@ pub fn bench(args: BenchArgs, registry: &Registry) -> Result<()> {
             "peak_rss_mb": peak_rss_mb(),
             "rss_after_load_mb": rss_after_load,
             "kernel_cache_mb": job.run.vgg().kernel_cache_used() as f64 / (1 << 20) as f64,
+            "device": easel_engine::device_name(job.run.vgg().device()),
             "threads": candle_core::utils::get_num_threads(),
             "loss_first": losses.first(),
             "loss_last": losses.last(),
