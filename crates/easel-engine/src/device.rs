@@ -61,10 +61,20 @@ fn auto() -> Device {
     Device::Cpu
 }
 
+/// The error itself: a device that does not answer is the user's situation, not easel's bug, so
+/// its message stays one line even with RUST_BACKTRACE set.
+#[cfg(any(feature = "cuda", feature = "metal"))]
+fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => without_backtrace(*inner),
+        other => other,
+    }
+}
+
 /// CUDA device `n`, or what is missing for it.
 #[cfg(feature = "cuda")]
 fn cuda(n: usize) -> Result<Device, String> {
-    Device::new_cuda(n).map_err(|e| format!("no CUDA device {n} answered: {e}"))
+    Device::new_cuda(n).map_err(|e| format!("no CUDA device {n} answered: {}", without_backtrace(e)))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -75,7 +85,7 @@ fn cuda(_: usize) -> Result<Device, String> {
 /// Metal device `n`, or what is missing for it.
 #[cfg(feature = "metal")]
 fn metal(n: usize) -> Result<Device, String> {
-    Device::new_metal(n).map_err(|e| format!("no Metal device {n} answered: {e}"))
+    Device::new_metal(n).map_err(|e| format!("no Metal device {n} answered: {}", without_backtrace(e)))
 }
 
 #[cfg(not(feature = "metal"))]
