@@ -353,6 +353,72 @@ fn bench_prints_timings_and_memory_as_json() {
     assert!(kept > 0.0 && kept <= 128.0, "{v}");
 }
 
+// The default `model.device = "auto"` has only the CPU to pick in a build without GPU features;
+// it says so once, with why, and bench reports the device it ran on.
+#[cfg(not(any(feature = "cuda", feature = "metal")))]
+#[test]
+fn auto_device_picks_the_cpu_and_bench_reports_it() {
+    let out = sample_job(&["bench"])
+        .args(["--size", "32", "--iterations", "2", "--optimizer", "adam", "--json"])
+        .output()
+        .expect("runs");
+    let text = stderr(&out);
+    assert!(out.status.success(), "{text}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["device"], "cpu", "{v}");
+    let said: Vec<&str> = text.lines().filter(|l| l.contains("model.device = \"auto\"")).collect();
+    assert_eq!(said.len(), 1, "one line says which device:\n{text}");
+    assert!(
+        said[0].contains("using the CPU")
+            && said[0].contains("built without the cuda feature")
+            && said[0].contains("built without the metal feature"),
+        "{}",
+        said[0]
+    );
+
+    // An explicit `cpu` is the CPU as well, without the line.
+    let (_dir, config) = temp_file("cpu.toml", b"[model]\ndevice = \"cpu\"\n");
+    let out = sample_job(&["bench"])
+        .arg("--config")
+        .arg(&config)
+        .args(["--size", "32", "--iterations", "2", "--optimizer", "adam", "--json"])
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["device"], "cpu", "{v}");
+    assert!(!stderr(&out).contains("model.device"), "{}", stderr(&out));
+}
+
+// Asking for CUDA from a build without it is an error naming the key and what is missing, not a
+// fallback to the CPU and not a panic.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn device_cuda_in_a_build_without_cuda_fails_clearly() {
+    let (_dir, config) = temp_file("gpu.toml", b"[model]\ndevice = \"cuda\"\n");
+    for command in ["run", "bench"] {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut cmd = sample_job(&[command]);
+        cmd.arg("--config").arg(&config).args(["--size", "32", "--iterations", "2"]);
+        if command == "run" {
+            cmd.arg("--out").arg(dir.path().join("x.png"));
+        }
+        let out = cmd.output().expect("runs");
+        let text = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{command}: {text}");
+        assert!(
+            text.contains(
+                "model.device = \"cuda\": this easel was built without the cuda feature (build with \
+                 `--features cuda`, see deploy/cuda.md)"
+            ),
+            "{command}: {text}"
+        );
+        assert!(!text.contains("panicked") && !text.contains("backtrace"), "{command}: {text}");
+        assert!(out.stdout.is_empty(), "{command}: nothing on stdout");
+        assert!(!dir.path().join("x.png").exists());
+    }
+}
+
 #[test]
 fn weights_inspect_tells_usable_from_unusable() {
     let out = easel().args(["weights", "inspect"]).arg(synth_weights()).output().expect("runs");

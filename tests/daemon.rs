@@ -214,6 +214,9 @@ fn sigterm_checkpoints_and_exits_0_within_5_s_and_the_job_resumes() {
     daemon.until(LONG, "the job to be a few iterations in", || {
         root.status().is_some_and(|s| s["running"][0]["iteration"].as_u64().is_some_and(|i| i >= 3))
     });
+    // model.device defaults to auto, which is the CPU in a build without GPU features.
+    #[cfg(not(any(feature = "cuda", feature = "metal")))]
+    assert_eq!(root.status().expect("status.json")["running"][0]["device"], "cpu");
     assert!(job_checkpoint(&root).is_none(), "checkpoint_every = 0: none before the stop");
     let asked = Instant::now();
     daemon.signal("TERM");

@@ -17,9 +17,26 @@ pub enum Init {
 /// Where tensors live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceChoice {
+    /// CUDA if the binary has it and a GPU answers, else Metal likewise, else the CPU. Decided
+    /// when the model loads (easel-engine), since validation touches no device.
+    Auto,
     Cpu,
     Cuda(usize),
     Metal(usize),
+}
+
+impl std::fmt::Display for DeviceChoice {
+    /// As written in `model.device` (device 0 without its number), for messages naming the key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceChoice::Auto => f.write_str("auto"),
+            DeviceChoice::Cpu => f.write_str("cpu"),
+            DeviceChoice::Cuda(0) => f.write_str("cuda"),
+            DeviceChoice::Cuda(n) => write!(f, "cuda:{n}"),
+            DeviceChoice::Metal(0) => f.write_str("metal"),
+            DeviceChoice::Metal(n) => write!(f, "metal:{n}"),
+        }
+    }
 }
 
 /// Image format of results.
@@ -159,8 +176,9 @@ pub struct Plan {
 const MAX_SIDE: u64 = 16384;
 
 fn device(o: &mut Options<'_>) -> DeviceChoice {
-    let Some(text) = o.string("device") else { return DeviceChoice::Cpu };
+    let Some(text) = o.string("device") else { return DeviceChoice::Auto };
     let parsed = match text.split_once(':') {
+        None if text == "auto" => Some(DeviceChoice::Auto),
         None if text == "cpu" => Some(DeviceChoice::Cpu),
         None if text == "cuda" => Some(DeviceChoice::Cuda(0)),
         None if text == "metal" => Some(DeviceChoice::Metal(0)),
@@ -169,8 +187,11 @@ fn device(o: &mut Options<'_>) -> DeviceChoice {
         _ => None,
     };
     parsed.unwrap_or_else(|| {
-        o.error("device", format!("unknown device \"{text}\"; expected cpu, cuda, cuda:N, metal or metal:N"));
-        DeviceChoice::Cpu
+        o.error(
+            "device",
+            format!("unknown device \"{text}\"; expected auto, cpu, cuda, cuda:N, metal or metal:N"),
+        );
+        DeviceChoice::Auto
     })
 }
 

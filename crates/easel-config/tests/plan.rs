@@ -186,3 +186,30 @@ fn the_daemon_section_has_defaults_and_is_validated() {
     assert!(errors.iter().any(|e| e.starts_with("daemon.workers:")), "{errors:?}");
     assert!(errors.iter().any(|e| e.starts_with("daemon.settle:")), "{errors:?}");
 }
+
+#[test]
+fn the_device_defaults_to_auto_and_parses_every_form() {
+    use easel_config::DeviceChoice;
+    let plan = ConfigLayers::defaults().plan(&builtin()).expect("defaults are valid");
+    assert_eq!(plan.model.device, DeviceChoice::Auto);
+    for (text, choice) in [
+        ("auto", DeviceChoice::Auto),
+        ("cpu", DeviceChoice::Cpu),
+        ("cuda", DeviceChoice::Cuda(0)),
+        ("cuda:1", DeviceChoice::Cuda(1)),
+        ("metal", DeviceChoice::Metal(0)),
+        ("metal:2", DeviceChoice::Metal(2)),
+    ] {
+        let layers = ConfigLayers::defaults()
+            .with_text("job.toml", &format!("[model]\ndevice = \"{text}\""))
+            .expect("parses");
+        let device = layers.plan(&builtin()).expect("valid").model.device;
+        assert_eq!(device, choice, "{text}");
+        // Messages name the device as the user wrote it.
+        assert_eq!(device.to_string(), text);
+    }
+    assert_eq!(
+        errors_of("[model]\ndevice = \"gpu\""),
+        ["model.device: unknown device \"gpu\"; expected auto, cpu, cuda, cuda:N, metal or metal:N"]
+    );
+}

@@ -270,6 +270,7 @@ fn attempt(
     };
     let resumed_from = run.iterations_done();
     shared.board.resumed(&job.id, resumed_from, run.total_iterations());
+    shared.board.device(&job.id, easel_engine::device_name(run.vgg().device()));
     tracing::info!(
         job = %job.id,
         name = %lossy(image),

@@ -21,6 +21,8 @@ struct Running {
     scale: usize,
     scales: usize,
     loss: Option<f64>,
+    /// Where its tensors live (`cpu`, `cuda:0`, ...), once its model is loaded.
+    device: Option<String>,
 }
 
 #[derive(Debug)]
@@ -128,6 +130,7 @@ impl StatusBoard {
                 scale: 0,
                 scales: 0,
                 loss: None,
+                device: None,
             },
         );
     }
@@ -139,6 +142,13 @@ impl StatusBoard {
             r.done = done;
             r.total = total;
             r.started = Instant::now();
+        }
+    }
+
+    /// The device the job's model was loaded on.
+    pub fn device(&self, id: &str, device: String) {
+        if let Some(r) = self.board().running.get_mut(id) {
+            r.device = Some(device);
         }
     }
 
@@ -213,6 +223,7 @@ impl StatusBoard {
                     "scale": r.scale + 1,
                     "scales": r.scales,
                     "loss": r.loss,
+                    "device": r.device,
                     "resumed_from": r.resumed_from,
                     "elapsed_s": elapsed,
                     "eta_s": eta,
@@ -272,11 +283,13 @@ mod tests {
         board.started("1", "a.jpg");
         board.finished("1", JobEnd::Done);
         board.started("2", "b.jpg");
+        board.device("2", "cpu".into());
         board.write_now();
         let v: Value =
             serde_json::from_str(&std::fs::read_to_string(dir.path().join("status.json")).unwrap()).unwrap();
         assert_eq!(v["queue"].as_array().unwrap().len(), 0);
         assert_eq!(v["running"][0]["name"], "b.jpg");
+        assert_eq!(v["running"][0]["device"], "cpu");
         assert_eq!(v["counts"]["done"], 1);
         assert_eq!(v["counts"]["failed"], 0);
     }

@@ -145,7 +145,9 @@ pub fn predict(
         passes.push(Pass::Forward { height: ch as usize, width: cw as usize });
         passes.push(Pass::Backward { height: ch as usize, width: cw as usize });
     }
-    let cache = if spec.device == DeviceChoice::Cpu {
+    // The kernel cache is the CPU backend's (under `auto`, the CPU is assumed: a GPU takes the
+    // model's memory off the host).
+    let cache = if !matches!(spec.device, DeviceChoice::Cuda(_) | DeviceChoice::Metal(_)) {
         kernel_cache_bytes(spec.deepest, spec.winograd, u64::from(spec.kernel_cache_mb) * MB, &passes)
     } else {
         0
