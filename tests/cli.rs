@@ -7,8 +7,26 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+/// The command that starts the `easel` under test: the binary itself, or through the
+/// runner in `EASEL_TEST_RUNNER` (words split at spaces: `qemu-aarch64 -L
+/// /usr/aarch64-linux-gnu` when CI runs an aarch64 build on an x86-64 machine).
+fn easel_bin() -> Command {
+    let words = runner();
+    let Some((program, args)) = words.split_first() else {
+        return Command::new(env!("CARGO_BIN_EXE_easel"));
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(args).arg(env!("CARGO_BIN_EXE_easel"));
+    cmd
+}
+
+/// `EASEL_TEST_RUNNER`'s words, none when it is unset or blank.
+fn runner() -> Vec<String> {
+    std::env::var("EASEL_TEST_RUNNER").unwrap_or_default().split_whitespace().map(str::to_owned).collect()
+}
+
 fn easel() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_easel"));
+    let mut cmd = easel_bin();
     // Keep the user's environment from choosing weights for these tests.
     cmd.env_remove("EASEL_WEIGHTS").env("XDG_DATA_HOME", scratch().join("no-data-home"));
     cmd
@@ -28,7 +46,7 @@ fn synth_weights() -> &'static Path {
     static WEIGHTS: OnceLock<PathBuf> = OnceLock::new();
     WEIGHTS.get_or_init(|| {
         let path = scratch().join("synth0.safetensors");
-        let out = Command::new(env!("CARGO_BIN_EXE_easel"))
+        let out = easel_bin()
             .args(["weights", "synth", "--seed", "0", "--out"])
             .arg(&path)
             .output()
@@ -215,7 +233,7 @@ fn logs_to_a_pipe_have_no_colour_codes() {
 fn on_a_terminal(args: &[&std::ffi::OsStr], no_color: Option<&str>) -> Vec<u8> {
     const PTY: &str = "import os, pty, sys\n\
         pid, fd = pty.fork()\n\
-        if pid == 0:\n    os.execv(sys.argv[1], sys.argv[1:])\n\
+        if pid == 0:\n    os.execvp(sys.argv[1], sys.argv[1:])\n\
         out = b''\n\
         while True:\n    try:\n        data = os.read(fd, 65536)\n    except OSError:\n        break\n    \
         if not data:\n        break\n    out += data\n\
@@ -223,7 +241,11 @@ fn on_a_terminal(args: &[&std::ffi::OsStr], no_color: Option<&str>) -> Vec<u8> {
         sys.stdout.buffer.write(out)\n\
         sys.exit(os.waitstatus_to_exitcode(status))\n";
     let mut cmd = Command::new("python3");
-    cmd.env_remove("EASEL_WEIGHTS").env_remove("NO_COLOR").args(["-c", PTY, env!("CARGO_BIN_EXE_easel")]);
+    cmd.env_remove("EASEL_WEIGHTS")
+        .env_remove("NO_COLOR")
+        .args(["-c", PTY])
+        .args(runner())
+        .arg(env!("CARGO_BIN_EXE_easel"));
     if let Some(value) = no_color {
         cmd.env("NO_COLOR", value);
     }

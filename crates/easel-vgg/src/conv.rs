@@ -6,6 +6,7 @@
 //! ([`epilogue`]). The generic backend runs them on candle's `conv2d`, on any device
 //! ([`generic`]). The paths agree to float rounding (see the tests).
 
+mod cpu_caches;
 mod direct;
 mod epilogue;
 mod gemm;

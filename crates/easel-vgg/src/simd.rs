@@ -70,8 +70,16 @@ unsafe fn run_at<K: Kernel>(level: Level, k: K) -> K::Output {
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => unsafe { avx2(k) },
-        _ => k.run(),
+        _ => baseline(k),
     }
+}
+
+/// `k.run()` compiled for the architecture's baseline (NEON on aarch64), kept out of line as
+/// the other variants are: each kernel is then one function of its own, `simd::baseline::<K>`
+/// (under the v0 symbol mangling), which `.ci/neon-check.sh` finds in the disassembly.
+#[inline(never)]
+fn baseline<K: Kernel>(k: K) -> K::Output {
+    k.run()
 }
 
 /// `k.run()` compiled with AVX-512F.

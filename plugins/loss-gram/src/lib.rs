@@ -1,7 +1,7 @@
 //! Style loss (Gatys et al. 2015): distance between Gram matrices of features, over several layers.
 
 use easel_core::candle_core::Tensor;
-use easel_core::sums::{scalar_f64, sum_dtype};
+use easel_core::sums::{sum_dtype, sum_of_squares};
 use easel_core::{
     CoreError, FeatureMaps, LayerGrads, LayerId, Loss, LossFactory, OptionDefault, OptionSpec, Options,
     References,
@@ -197,7 +197,7 @@ impl Loss for GramLoss {
                 let (_, n, h, wd) = f.dims4()?;
                 let diff = (gram_matrix_wide(f)? - target)?;
                 let n2 = (n * n) as f64;
-                value += w * scalar_f64(&diff.sqr()?.sum_all()?)? / (4.0 * n2);
+                value += w * sum_of_squares(&diff)? / (4.0 * n2);
                 let scale = w / (n2 * (h * wd) as f64);
                 // The scale goes into the small N x N factor, not over the N x M product.
                 let grad = (diff * scale)?.to_dtype(f.dtype())?.matmul(&f.reshape((n, h * wd))?)?;

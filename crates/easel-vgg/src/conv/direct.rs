@@ -11,6 +11,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use super::cpu_caches;
 use super::epilogue::Epilogue;
 use super::gemm::{matmul, Strided};
 use super::schedule::{split_planes, split_work};
@@ -58,6 +59,7 @@ impl<'a> Filter<'a> {
 
 /// Upper bound on one task's im2col buffer: chunks of this size keep the buffer in L2/L3
 /// and bound extra memory, and still give `gemm` products large enough to run near peak.
+/// Tuned at 1 MB of L2, and scaled to this machine's ([`cpu_caches::scaled`]), as is the next.
 const IM2COL_BUDGET_BYTES: usize = 6 << 20;
 
 /// Upper bound on one task's im2col buffer and product together when all taps go into one
@@ -97,6 +99,7 @@ impl Conv3x3 {
         } else {
             (9 * self.c_in * p * std::mem::size_of::<f32>(), IM2COL_BUDGET_BYTES)
         };
+        let budget = cpu_caches::scaled(budget);
         split_work(p, bytes, budget, threads, p.div_ceil(MIN_CHUNK_PIXELS))
     }
 
