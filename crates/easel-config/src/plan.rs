@@ -86,6 +86,9 @@ pub struct ModelSettings {
     /// MiB of transformed Winograd kernels kept across iterations.
     pub kernel_cache_mb: u32,
     pub device: DeviceChoice,
+    /// 0: evaluate the image whole if it fits the memory budget, else in tiles of the size the
+    /// planner picks; N (a multiple of 64): always in tiles of N pixels.
+    pub tile_size: u32,
 }
 
 /// `[limits]`: what input files are accepted, and the memory a job may plan to use.
@@ -239,7 +242,24 @@ fn model_settings(o: &mut Options<'_>) -> ModelSettings {
         kernel_cache_mb: o.integer("kernel_cache_mb", (DEFAULT_KERNEL_CACHE_BYTES >> 20) as u64, 0, 1 << 20)
             as u32,
         device: device(o),
+        tile_size: tile_size(o),
     }
+}
+
+/// `model.tile_size`: 0, or a multiple of 64 (where the Winograd tiles of the deepest blocks
+/// start, so tiled features equal the whole image's).
+fn tile_size(o: &mut Options<'_>) -> u32 {
+    let size = o.integer("tile_size", 0, 0, 1 << 16) as u32;
+    if !size.is_multiple_of(64) {
+        let down = size / 64 * 64;
+        let hint = if down == 0 { "64".to_string() } else { format!("{down} or {}", down + 64) };
+        o.error(
+            "tile_size",
+            format!("must be 0 (as the memory planner decides) or a multiple of 64, such as {hint}"),
+        );
+        return 0;
+    }
+    size
 }
 
 fn daemon_settings(o: &mut Options<'_>) -> DaemonSettings {

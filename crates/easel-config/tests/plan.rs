@@ -149,7 +149,7 @@ fn a_typo_in_any_table_gets_a_suggestion() {
         errors,
         [
             "model.poolng: unknown key; did you mean `pooling`? known keys: device, kernel_cache_mb, pooling, \
-             preprocess, weights, winograd",
+             preprocess, tile_size, weights, winograd",
             "output.jpeg_qualty: unknown key; did you mean `jpeg_quality`? known keys: format, jpeg_quality",
             "rum: unknown key; did you mean `run`? known keys: daemon, limits, loss, model, optimizer, output, \
              run, style",
@@ -212,4 +212,17 @@ fn the_device_defaults_to_auto_and_parses_every_form() {
         errors_of("[model]\ndevice = \"gpu\""),
         ["model.device: unknown device \"gpu\"; expected auto, cpu, cuda, cuda:N, metal or metal:N"]
     );
+}
+
+#[test]
+fn a_tile_size_off_the_64_px_grid_is_refused_with_the_neighbours() {
+    assert_eq!(
+        errors_of("[model]\ntile_size = 100"),
+        ["model.tile_size: must be 0 (as the memory planner decides) or a multiple of 64, such as 64 or 128"]
+    );
+    assert_eq!(
+        errors_of("[model]\ntile_size = 30"),
+        ["model.tile_size: must be 0 (as the memory planner decides) or a multiple of 64, such as 64"]
+    );
+    assert!(errors_of("[model]\ntile_size = 512").is_empty());
 }

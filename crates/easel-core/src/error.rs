@@ -23,6 +23,9 @@ pub enum CoreError {
     /// kept whole so that its source chain survives the trip through the optimiser.
     #[error(transparent)]
     Objective(Box<dyn std::error::Error + Send + Sync + 'static>),
+    /// The engine asked a loss for something its [`crate::Tiling`] does not offer.
+    #[error("the loss does not implement `{0}` (its `tiling()` says what it offers)")]
+    Unsupported(&'static str),
     /// Saved optimiser state does not fit this optimiser or image.
     #[error("optimiser state does not match: {0}")]
     BadState(String),

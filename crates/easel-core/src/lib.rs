@@ -12,6 +12,7 @@ mod optimizer;
 mod options;
 mod registry;
 pub mod sums;
+mod tiles;
 
 pub use candle_core;
 pub use toml;
@@ -24,3 +25,4 @@ pub use loss::{LayerGrads, Loss, LossFactory};
 pub use optimizer::{Adjustment, Objective, Optimizer, OptimizerFactory, OptimizerState, Step};
 pub use options::{OptionDefault, OptionError, OptionSpec, Options};
 pub use registry::{Plugin, Registry};
+pub use tiles::{Placement, StyleStatistics, Tile, Tiling};

@@ -2,7 +2,9 @@
 
 use candle_core::Tensor;
 
-use crate::{CoreError, FeatureMaps, LayerId, OptionSpec, Options, References};
+use crate::{
+    CoreError, FeatureMaps, LayerId, OptionSpec, Options, References, StyleStatistics, Tile, Tiling,
+};
 
 /// A loss's gradient with respect to each layer it reads.
 pub type LayerGrads = Vec<(LayerId, Tensor)>;
@@ -40,6 +42,46 @@ pub trait Loss: Send {
     /// `None` (the default) makes the engine use autograd.
     fn value_and_grad(&self, _features: &FeatureMaps) -> Option<Result<(f64, LayerGrads), CoreError>> {
         None
+    }
+
+    /// How this loss is evaluated on an image cut into tiles, when a whole evaluation does not
+    /// fit the memory budget (see [`crate::Tiling`] and the `tiles` module's documentation).
+    /// The default, [`Tiling::Unsupported`], keeps jobs with this loss to what fits whole; a
+    /// loss that reads only [`LayerId::Pixels`] needs nothing here (it is never cut).
+    fn tiling(&self) -> Tiling {
+        Tiling::Unsupported
+    }
+
+    /// [`Tiling::Local`]: the unweighted value of the tile's own positions and its gradient
+    /// w.r.t. each layer's own features (shaped as `tile.features`). Targets are cropped with
+    /// [`crate::Placement::crop`]. The tiles' values add up to [`Loss::evaluate`]'s.
+    fn tile_value_and_grad(&self, _tile: &Tile<'_>) -> Result<(f64, LayerGrads), CoreError> {
+        Err(CoreError::Unsupported("tile_value_and_grad"))
+    }
+
+    /// [`Tiling::Global`]: this tile's share of the sums over the image that the loss needs,
+    /// in the sum type (e.g. `F F^T / M` over the tile's own positions, `M` the whole map's).
+    /// The engine adds the tensors up, entry by entry, over all tiles.
+    fn tile_statistics(&self, _tile: &Tile<'_>) -> Result<Vec<Tensor>, CoreError> {
+        Err(CoreError::Unsupported("tile_statistics"))
+    }
+
+    /// [`Tiling::Global`]: builds the targets for the current scale from each style image's
+    /// statistics (summed over its tiles): what [`Loss::prepare`] does from whole features.
+    fn prepare_from_statistics(&mut self, _styles: &[StyleStatistics]) -> Result<(), CoreError> {
+        Err(CoreError::Unsupported("prepare_from_statistics"))
+    }
+
+    /// [`Tiling::Global`]: the unweighted value, from the image's statistics (summed over its
+    /// tiles).
+    fn value_from_statistics(&self, _totals: &[Tensor]) -> Result<f64, CoreError> {
+        Err(CoreError::Unsupported("value_from_statistics"))
+    }
+
+    /// [`Tiling::Global`]: the gradient w.r.t. the tile's own features, given the image's
+    /// statistics.
+    fn tile_grad(&self, _tile: &Tile<'_>, _totals: &[Tensor]) -> Result<LayerGrads, CoreError> {
+        Err(CoreError::Unsupported("tile_grad"))
     }
 }
 

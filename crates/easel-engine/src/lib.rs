@@ -8,6 +8,8 @@ pub mod memory;
 mod model;
 mod objective;
 mod run;
+mod tiled;
+pub mod tiles;
 
 pub use checkpoint::Checkpoint;
 pub use device::{device, device_name};

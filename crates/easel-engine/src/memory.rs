@@ -59,6 +59,9 @@ pub struct MemoryPlan {
     /// What the planner changed to fit (an L-BFGS history lowered), for the log and the
     /// provenance.
     pub adjustments: Vec<Adjustment>,
+    /// `Some(step)`: the image is evaluated in tiles of `step` pixels (see [`crate::tiles`]);
+    /// `None`: whole.
+    pub tile_size: Option<u32>,
 }
 
 impl MemoryPlan {
@@ -113,9 +116,22 @@ fn available_bytes() -> Option<u64> {
     Some(available)
 }
 
+/// What one evaluation of `layers` on a `height x width` image (or tile window) is predicted
+/// to take beyond the weights and the kernel cache.
+pub fn evaluation_part(layers: &[LayerId], height: usize, width: usize) -> u64 {
+    (evaluation_bytes(layers, height, width) as f64 * EVALUATION_OVERHEAD) as u64
+}
+
+/// The largest window of a tile of `step` pixels on a `height x width` image, for `layers`.
+fn window_of(layers: &[LayerId], height: usize, width: usize, step: u32) -> (usize, usize) {
+    let deepest = layers.iter().copied().max().unwrap_or(LayerId::Pixels);
+    let side = step as usize + 2 * crate::tiles::halo(deepest);
+    (height.min(side), width.min(side))
+}
+
 /// Predicts the peak of a job of `plan` on a model of `spec`, for a content image of
-/// `content` (width, height) and style images of `styles`, against `budget` bytes. Pure: no
-/// file or device is touched.
+/// `content` (width, height) and style images of `styles`, against `budget` bytes, with the
+/// image evaluated whole. Pure: no file or device is touched.
 pub fn predict(
     plan: &Plan,
     spec: &ModelSpec,
@@ -123,7 +139,26 @@ pub fn predict(
     styles: &[(u32, u32)],
     budget: u64,
 ) -> MemoryPlan {
+    predict_with(plan, spec, content, styles, budget, None)
+}
+
+/// [`predict`] with the image evaluated in tiles of `tile_size` pixels (`None`: whole). A tile's
+/// window replaces the image in the evaluation and the kernel cache's passes; what is held
+/// whole (the image, its gradient, the optimiser's state, the content targets) stays.
+pub fn predict_with(
+    plan: &Plan,
+    spec: &ModelSpec,
+    content: (u32, u32),
+    styles: &[(u32, u32)],
+    budget: u64,
+    tile_size: Option<u32>,
+) -> MemoryPlan {
     let layers = layers_of(&plan.losses);
+    // What an evaluation (or a reference's forward pass) runs on: the image, or a tile's window.
+    let evaluated = |h: usize, w: usize| match tile_size {
+        Some(step) => window_of(&layers, h, w, step),
+        None => (h, w),
+    };
     let sizes = plan.run.scale_sizes();
     let last = sizes.last().copied().unwrap_or(plan.run.size);
     let (width, height) = fitted(content.0, content.1, last);
@@ -136,14 +171,16 @@ pub fn predict(
     let mut passes = Vec::new();
     for &size in &sizes {
         let (cw, ch) = fitted(content.0, content.1, size);
-        passes.push(Pass::Forward { height: ch as usize, width: cw as usize });
+        let (ch, cw) = evaluated(ch as usize, cw as usize);
+        passes.push(Pass::Forward { height: ch, width: cw });
         let style_side = ((f64::from(size) * plan.run.style_scale).round() as u32).max(1);
         for &(sw, sh) in styles {
             let (sw, sh) = fitted(sw, sh, style_side);
-            passes.push(Pass::Forward { height: sh as usize, width: sw as usize });
+            let (sh, sw) = evaluated(sh as usize, sw as usize);
+            passes.push(Pass::Forward { height: sh, width: sw });
         }
-        passes.push(Pass::Forward { height: ch as usize, width: cw as usize });
-        passes.push(Pass::Backward { height: ch as usize, width: cw as usize });
+        passes.push(Pass::Forward { height: ch, width: cw });
+        passes.push(Pass::Backward { height: ch, width: cw });
     }
     // The kernel cache is the CPU backend's (under `auto`, the CPU is assumed: a GPU takes the
     // model's memory off the host).
@@ -161,7 +198,8 @@ pub fn predict(
         })
         .sum();
     let elements = 3 * u64::from(width) * u64::from(height);
-    let evaluation = (evaluation_bytes(&layers, h, w) as f64 * EVALUATION_OVERHEAD) as u64;
+    let (eh, ew) = evaluated(h, w);
+    let evaluation = evaluation_part(&layers, eh, ew);
     let previews = if plan.run.save_every > 0 { image_bytes(width, height) } else { 0 };
     let parts = vec![
         Part { name: "runtime", bytes: RUNTIME_BYTES },
@@ -173,12 +211,14 @@ pub fn predict(
         Part { name: "targets", bytes: plan.losses.iter().map(|l| l.loss.target_bytes(&shape)).sum() },
         Part { name: "optimizer", bytes: plan.optimizer.plugin.state_bytes(elements) },
     ];
-    MemoryPlan { width, height, parts, budget_bytes: budget, adjustments: Vec::new() }
+    MemoryPlan { width, height, parts, budget_bytes: budget, adjustments: Vec::new(), tile_size }
 }
 
-/// Plans `plan` against `budget` bytes: as predicted if that fits; else with the optimiser's
-/// state shrunk to fit (an L-BFGS history lowered, said in the result's `adjustments`); else
-/// an error with the predicted need and what to change.
+/// Plans `plan` against `budget` bytes, in this order: the image whole, as predicted; whole
+/// with the optimiser's state shrunk to fit (an L-BFGS history lowered, said in the result's
+/// `adjustments`); in the largest tiles that fit (exact, but slower: see [`crate::tiles`]);
+/// in tiles with the state shrunk; else an error with the predicted need and what to change.
+/// `model.tile_size` > 0 asks for tiles of that size whatever fits.
 pub fn fit(
     plan: &mut Plan,
     spec: &ModelSpec,
@@ -186,26 +226,73 @@ pub fn fit(
     styles: &[(u32, u32)],
     budget: u64,
 ) -> Result<MemoryPlan, EngineError> {
-    let predicted = predict(plan, spec, content, styles, budget);
-    if predicted.fits() {
-        return Ok(predicted);
+    let forced = (plan.model.tile_size > 0).then_some(plan.model.tile_size);
+    let first = predict_with(plan, spec, content, styles, budget, forced);
+    if first.fits() {
+        return Ok(first);
     }
-    let elements = 3 * u64::from(predicted.width) * u64::from(predicted.height);
-    let others = predicted.peak_bytes() - predicted.part("optimizer");
-    if let Some(change) = plan.optimizer.plugin.fit_state(elements, budget.saturating_sub(others)) {
-        let mut refitted = predict(plan, spec, content, styles, budget);
-        if refitted.fits() {
-            refitted.adjustments.push(change);
-            return Ok(refitted);
+    if let Some(fitted) = shrink_state(plan, spec, content, styles, budget, forced) {
+        return Ok(fitted);
+    }
+    if forced.is_none() && tileable(plan) {
+        // The largest step first: fewer tiles, less halo computed twice. Then the smallest
+        // tiles with the optimiser's state shrunk.
+        let steps: Vec<u32> = (1..first.width.max(first.height).div_ceil(64)).rev().map(|k| k * 64).collect();
+        for &step in &steps {
+            let tiled = predict_with(plan, spec, content, styles, budget, Some(step));
+            if tiled.fits() {
+                return Ok(tiled);
+            }
+        }
+        if let Some(fitted) =
+            steps.last().and_then(|&s| shrink_state(plan, spec, content, styles, budget, Some(s)))
+        {
+            return Ok(fitted);
         }
     }
+    let whole = first;
+    let mut advice = advice(plan, &whole);
+    let blockers = crate::tiled::untileable(&plan.losses);
+    if !blockers.is_empty() {
+        advice.push_str(&format!(
+            "; the {} loss cannot be evaluated in tiles, which would let a larger image fit",
+            blockers.join(", ")
+        ));
+    }
     Err(EngineError::OverBudget {
-        need_mb: predicted.peak_bytes().div_ceil(MB),
+        need_mb: whole.peak_bytes().div_ceil(MB),
         budget_mb: budget / MB,
-        width: predicted.width,
-        height: predicted.height,
-        advice: advice(plan, &predicted),
+        width: whole.width,
+        height: whole.height,
+        advice,
     })
+}
+
+/// The plan with the optimiser's state shrunk to fit beside the rest, if its options allow.
+///
+/// The builtin L-BFGS shortens its history to exactly what fits, or changes nothing when not
+/// even one pair would: so a refusal here leaves the plan as it was. (A third-party optimiser
+/// whose `fit_state` shrinks too little would be left shrunk; the job is refused then anyway.)
+fn shrink_state(
+    plan: &mut Plan,
+    spec: &ModelSpec,
+    content: (u32, u32),
+    styles: &[(u32, u32)],
+    budget: u64,
+    tile_size: Option<u32>,
+) -> Option<MemoryPlan> {
+    let predicted = predict_with(plan, spec, content, styles, budget, tile_size);
+    let elements = 3 * u64::from(predicted.width) * u64::from(predicted.height);
+    let others = predicted.peak_bytes() - predicted.part("optimizer");
+    let change = plan.optimizer.plugin.fit_state(elements, budget.saturating_sub(others))?;
+    let mut refitted = predict_with(plan, spec, content, styles, budget, tile_size);
+    refitted.adjustments.push(change);
+    refitted.fits().then_some(refitted)
+}
+
+/// Whether every loss of `plan` can be evaluated in tiles.
+fn tileable(plan: &Plan) -> bool {
+    crate::tiled::untileable(&plan.losses).is_empty()
 }
 
 /// What to change when a job does not fit: a smaller `run.size` that would, and the

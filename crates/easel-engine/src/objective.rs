@@ -14,6 +14,8 @@ pub struct StyleObjective<'a> {
     losses: &'a [WeightedLoss],
     layers: Vec<LayerId>,
     evaluations: usize,
+    /// `Some(step)`: evaluated in tiles of `step` pixels (see [`crate::tiled`]).
+    tile_step: Option<usize>,
 }
 
 /// One loss's unweighted value and gradient norm at an image (`easel eval`).
@@ -38,10 +40,65 @@ pub fn l2_norm(t: &Tensor) -> Result<f64, CoreError> {
     Ok(sum_of_squares(t)?.sqrt())
 }
 
+/// Value of `sum_i scale_i * loss_i` over the given features, and its gradient w.r.t. each
+/// layer it reads.
+pub(crate) fn value_and_layer_grads(
+    device: &candle_core::Device,
+    features: &FeatureMaps,
+    terms: &[(&WeightedLoss, f64)],
+) -> Result<(f64, Vec<(LayerId, Tensor)>), EngineError> {
+    let mut value = 0.0;
+    let mut layer_grads: Vec<(LayerId, Tensor)> = Vec::new();
+    let mut autograd_terms = Vec::new();
+    for &(loss, scale) in terms {
+        match loss.loss.value_and_grad(features) {
+            Some(result) => {
+                let (v, grads) = result?;
+                value += scale * v;
+                for (layer, g) in grads {
+                    layer_grads.push((layer, (g * scale)?));
+                }
+            }
+            None => autograd_terms.push((loss, scale)),
+        }
+    }
+    if !autograd_terms.is_empty() {
+        // The layers these losses read become leaf variables so candle differentiates the
+        // losses only; the gradient then goes back through VGG-19 by the hand-written pass.
+        let mut vars = Vec::new();
+        let mut leaves = FeatureMaps::new();
+        let wanted: Vec<LayerId> = autograd_terms.iter().flat_map(|(l, _)| l.loss.layers()).collect();
+        for (layer, tensor) in features.iter().filter(|(l, _)| wanted.contains(l)) {
+            let var = Var::from_tensor(tensor)?;
+            leaves.insert(layer, var.as_tensor().clone());
+            vars.push((layer, var));
+        }
+        let mut total = Tensor::zeros((), sum_dtype(device), device)?;
+        for (loss, scale) in autograd_terms {
+            total = (total + (loss.loss.evaluate(&leaves)? * scale)?)?;
+        }
+        let grads = total.backward()?;
+        value += scalar_f64(&total)?;
+        for (layer, var) in &vars {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                layer_grads.push((*layer, g.clone()));
+            }
+        }
+    }
+    Ok((value, layer_grads))
+}
+
 impl<'a> StyleObjective<'a> {
     /// The objective of `losses` (already prepared for the current scale) on `vgg`.
     pub fn new(vgg: &'a Vgg19, losses: &'a [WeightedLoss]) -> Self {
-        Self { vgg, losses, layers: layers_of(losses), evaluations: 0 }
+        Self { vgg, losses, layers: layers_of(losses), evaluations: 0, tile_step: None }
+    }
+
+    /// The same objective evaluated in tiles of `step` pixels (a multiple of
+    /// [`crate::tiles::STEP_ALIGN`]), or whole for `None`.
+    pub fn tiled(mut self, step: Option<usize>) -> Self {
+        self.tile_step = step;
+        self
     }
 
     /// Evaluations so far.
@@ -49,61 +106,24 @@ impl<'a> StyleObjective<'a> {
         self.evaluations
     }
 
-    /// Value of `sum_i scale_i * loss_i` over the given features, and its gradient w.r.t.
-    /// each layer it reads.
-    fn value_and_layer_grads(
-        &self,
-        features: &FeatureMaps,
-        terms: &[(&WeightedLoss, f64)],
-    ) -> Result<(f64, Vec<(LayerId, Tensor)>), EngineError> {
-        let mut value = 0.0;
-        let mut layer_grads: Vec<(LayerId, Tensor)> = Vec::new();
-        let mut autograd_terms = Vec::new();
-        for &(loss, scale) in terms {
-            match loss.loss.value_and_grad(features) {
-                Some(result) => {
-                    let (v, grads) = result?;
-                    value += scale * v;
-                    for (layer, g) in grads {
-                        layer_grads.push((layer, (g * scale)?));
-                    }
-                }
-                None => autograd_terms.push((loss, scale)),
-            }
-        }
-        if !autograd_terms.is_empty() {
-            // The layers these losses read become leaf variables so candle differentiates the
-            // losses only; the gradient then goes back through VGG-19 by the hand-written pass.
-            let mut vars = Vec::new();
-            let mut leaves = FeatureMaps::new();
-            let wanted: Vec<LayerId> = autograd_terms.iter().flat_map(|(l, _)| l.loss.layers()).collect();
-            for (layer, tensor) in features.iter().filter(|(l, _)| wanted.contains(l)) {
-                let var = Var::from_tensor(tensor)?;
-                leaves.insert(layer, var.as_tensor().clone());
-                vars.push((layer, var));
-            }
-            let mut total = Tensor::zeros((), sum_dtype(self.vgg.device()), self.vgg.device())?;
-            for (loss, scale) in autograd_terms {
-                total = (total + (loss.loss.evaluate(&leaves)? * scale)?)?;
-            }
-            let grads = total.backward()?;
-            value += scalar_f64(&total)?;
-            for (layer, var) in &vars {
-                if let Some(g) = grads.get(var.as_tensor()) {
-                    layer_grads.push((*layer, g.clone()));
-                }
-            }
-        }
-        Ok((value, layer_grads))
-    }
-
     /// Each loss's unweighted value and gradient norm at `x`, one forward pass for all.
     pub fn report(&mut self, x: &Tensor) -> Result<Vec<LossReport>, EngineError> {
+        if let Some(step) = self.tile_step {
+            return self
+                .losses
+                .iter()
+                .map(|loss| {
+                    let (value, grad) = crate::tiled::total(self.vgg, &[(loss, 1.0)], x, step)?;
+                    Ok(LossReport { kind: loss.kind, weight: loss.weight, value, grad_l2: l2_norm(&grad)? })
+                })
+                .collect();
+        }
         let (features, trace) = self.vgg.forward_traced(x, &self.layers)?;
         self.losses
             .iter()
             .map(|loss| {
-                let (value, layer_grads) = self.value_and_layer_grads(&features, &[(loss, 1.0)])?;
+                let (value, layer_grads) =
+                    value_and_layer_grads(self.vgg.device(), &features, &[(loss, 1.0)])?;
                 let grad = self.vgg.backward(&trace, &layer_grads)?;
                 Ok(LossReport { kind: loss.kind, weight: loss.weight, value, grad_l2: l2_norm(&grad)? })
             })
@@ -113,9 +133,12 @@ impl<'a> StyleObjective<'a> {
     /// The weighted total and its pixel gradient at `x`.
     pub fn total(&mut self, x: &Tensor) -> Result<(f64, Tensor), EngineError> {
         self.evaluations += 1;
-        let (features, trace) = self.vgg.forward_traced(x, &self.layers)?;
         let terms: Vec<(&WeightedLoss, f64)> = self.losses.iter().map(|l| (l, l.weight)).collect();
-        let (value, layer_grads) = self.value_and_layer_grads(&features, &terms)?;
+        if let Some(step) = self.tile_step {
+            return crate::tiled::total(self.vgg, &terms, x, step);
+        }
+        let (features, trace) = self.vgg.forward_traced(x, &self.layers)?;
+        let (value, layer_grads) = value_and_layer_grads(self.vgg.device(), &features, &terms)?;
         // The backward pass needs only the trace: freeing the features first lowers the peak
         // memory on the CPU, where the trace keeps none of them.
         drop(features);

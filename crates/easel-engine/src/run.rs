@@ -9,6 +9,7 @@ use crate::checkpoint::Checkpoint;
 use crate::image_io::{self, from_tensor, resize_exact, resize_longest, to_tensor, RgbImage};
 use crate::memory::{self, MemoryPlan};
 use crate::objective::{layers_of, StyleObjective};
+use crate::tiled;
 use crate::{EngineError, ModelSpec};
 
 /// Where a run stands after an iteration.
@@ -46,6 +47,8 @@ pub struct StyleRun {
     x: Tensor,
     finished: bool,
     memory: MemoryPlan,
+    /// `Some(step)`: this scale is evaluated in tiles of `step` pixels.
+    tile_step: Option<usize>,
 }
 
 /// Uniform noise in [0, 1], the same for a seed on every platform and device.
@@ -109,6 +112,7 @@ impl StyleRun {
             x: placeholder,
             finished: false,
             memory,
+            tile_step: None,
         })
     }
 
@@ -194,22 +198,45 @@ impl StyleRun {
         resize_longest(&self.content, self.sizes[scale])
     }
 
+    /// Whether a scale of `width x height` is evaluated in tiles, and of what size: always when
+    /// `model.tile_size` asks for it; else when the planner chose tiles for the largest scale
+    /// and this scale's whole evaluation would take more than a tile's.
+    fn tile_step_at(&self, width: u32, height: u32) -> Option<usize> {
+        let step = self.memory.tile_size? as usize;
+        if self.plan.model.tile_size > 0 {
+            return Some(step);
+        }
+        let whole = memory::evaluation_part(&layers_of(&self.plan.losses), height as usize, width as usize);
+        (whole > self.memory.part("evaluation")).then_some(step)
+    }
+
     fn enter_scale(&mut self, scale: usize, previous: Option<&Tensor>) -> Result<(), EngineError> {
         let device = self.vgg.device().clone();
         let content = self.content_at(scale);
         let (w, h) = content.dimensions();
         let style_side = ((self.sizes[scale] as f64 * self.plan.run.style_scale).round() as u32).max(1);
-        let layers = layers_of(&self.plan.losses);
-        let content_features = self.vgg.forward(&to_tensor(&content, &device)?, &layers)?;
-        let mut style_refs = Vec::with_capacity(self.styles.len());
-        for (image, weight) in &self.styles {
-            let resized = resize_longest(image, style_side);
-            let features = self.vgg.forward(&to_tensor(&resized, &device)?, &layers)?;
-            style_refs.push(StyleReference { features, weight: *weight });
-        }
-        let references = References { content: &content_features, styles: &style_refs };
-        for loss in &mut self.plan.losses {
-            loss.loss.prepare(&references)?;
+        self.tile_step = self.tile_step_at(w, h);
+        if let Some(step) = self.tile_step {
+            let styles = self
+                .styles
+                .iter()
+                .map(|(image, weight)| Ok((to_tensor(&resize_longest(image, style_side), &device)?, *weight)))
+                .collect::<Result<Vec<_>, EngineError>>()?;
+            let content = to_tensor(&content, &device)?;
+            tiled::prepare(&self.vgg, &mut self.plan.losses, &content, &styles, step)?;
+        } else {
+            let layers = layers_of(&self.plan.losses);
+            let content_features = self.vgg.forward(&to_tensor(&content, &device)?, &layers)?;
+            let mut style_refs = Vec::with_capacity(self.styles.len());
+            for (image, weight) in &self.styles {
+                let resized = resize_longest(image, style_side);
+                let features = self.vgg.forward(&to_tensor(&resized, &device)?, &layers)?;
+                style_refs.push(StyleReference { features, weight: *weight });
+            }
+            let references = References { content: &content_features, styles: &style_refs };
+            for loss in &mut self.plan.losses {
+                loss.loss.prepare(&references)?;
+            }
         }
         self.plan.optimizer.plugin.reset();
         self.x = match previous {
@@ -268,7 +295,12 @@ impl StyleRun {
 
     /// An objective over the current scale's targets (for `easel eval`).
     pub fn objective(&self) -> StyleObjective<'_> {
-        StyleObjective::new(&self.vgg, &self.plan.losses)
+        StyleObjective::new(&self.vgg, &self.plan.losses).tiled(self.tile_step)
+    }
+
+    /// `Some(step)` while the current scale is evaluated in tiles of `step` pixels.
+    pub fn tile_step(&self) -> Option<usize> {
+        self.tile_step
     }
 
     /// Runs one optimiser iteration; moves to the next scale when this one is done.
@@ -279,7 +311,7 @@ impl StyleRun {
         }
         let iterations = self.plan.run.iterations;
         let Plan { losses, optimizer, .. } = &mut self.plan;
-        let mut objective = StyleObjective::new(&self.vgg, losses);
+        let mut objective = StyleObjective::new(&self.vgg, losses).tiled(self.tile_step);
         let step = optimizer.plugin.step(&mut self.x, &mut objective)?;
         self.iteration += 1;
         self.done += 1;

@@ -124,6 +124,36 @@ pub fn kernel_cache_bytes(depth: LayerId, winograd: Winograd, budget: u64, passe
     used
 }
 
+/// How far, in pixels, a feature of `layer` reads beyond its own cell of the image on either
+/// side (its receptive field is its cell plus this much around it): 70 for `relu5_1`, whose
+/// field is 156 px wide. A tile whose window reaches this far past its own positions computes
+/// their features exactly as the whole image does.
+pub fn receptive_reach(layer: LayerId) -> usize {
+    let Some(last) = layer.features_index() else { return 0 };
+    // Rows read, relative to the first row of one output position's cell, walking back
+    // from `layer` to the image: a 3x3 convolution (padding 1) reads one more on each side,
+    // a 2x2 pooling of stride 2 the two rows under each.
+    let (mut lo, mut hi, mut stride) = (0i64, 0i64, 1i64);
+    for index in (0..=last).rev() {
+        match op(index) {
+            Op::Conv(_) => (lo, hi) = (lo - 1, hi + 1),
+            Op::Relu => {}
+            Op::Pool => {
+                (lo, hi) = (2 * lo, 2 * hi + 1);
+                stride *= 2;
+            }
+        }
+    }
+    // The cell itself is rows 0..stride.
+    (-lo).max(hi - (stride - 1)) as usize
+}
+
+/// How many image pixels one position of `layer`'s map covers along each side (the product of
+/// the poolings before it): 16 for `relu5_1`.
+pub fn layer_stride(layer: LayerId) -> usize {
+    layer.features_index().map_or(1, |last| 1 << (0..=last).filter(|&i| op(i) == Op::Pool).count())
+}
+
 /// Multiply-adds of one evaluation's convolutions (forward to the deepest of `layers`, and
 /// their input gradients), as direct convolutions: the work a FLOP model of time scales by.
 pub fn evaluation_flops(layers: &[LayerId], height: usize, width: usize) -> u64 {
@@ -150,6 +180,17 @@ mod tests {
         assert_eq!(bytes, 4 * (12_940_992 + (64 * 2 + 128 * 2 + 256 * 4 + 512 * 5)));
         assert!(weights_bytes(LayerId::Relu4_2) < bytes);
         assert_eq!(weights_bytes(LayerId::Pixels), 4 * (3 * 64 * 9 + 64));
+    }
+
+    #[test]
+    fn relu5_1_reads_70_px_around_its_16_px_cell() {
+        // 156 px of receptive field, as Gatys-style tools quote it: 70 + 16 + 70.
+        assert_eq!((receptive_reach(LayerId::Relu5_1), layer_stride(LayerId::Relu5_1)), (70, 16));
+        assert_eq!(2 * receptive_reach(LayerId::Relu5_1) + 16, 156);
+        assert_eq!((receptive_reach(LayerId::Relu1_1), layer_stride(LayerId::Relu1_1)), (1, 1));
+        assert_eq!((receptive_reach(LayerId::Pixels), layer_stride(LayerId::Pixels)), (0, 1));
+        assert_eq!(layer_stride(LayerId::Relu4_2), 8);
+        assert!(receptive_reach(LayerId::Relu5_4) > receptive_reach(LayerId::Relu5_1));
     }
 
     #[test]

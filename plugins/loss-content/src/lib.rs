@@ -4,7 +4,7 @@ use easel_core::candle_core::Tensor;
 use easel_core::sums::{sum_dtype, sum_of_squares};
 use easel_core::{
     CoreError, FeatureMaps, LayerGrads, LayerId, Loss, LossFactory, OptionDefault, OptionSpec, Options,
-    References,
+    References, Tile, Tiling,
 };
 
 /// Builds [`ContentLoss`] from `type = "content"`.
@@ -109,6 +109,24 @@ impl Loss for ContentLoss {
             Ok((value, grads))
         };
         Some(run())
+    }
+
+    /// A sum over positions: each tile's share is that of its own positions.
+    fn tiling(&self) -> Tiling {
+        Tiling::Local
+    }
+
+    /// [`Loss::value_and_grad`] on the tile's own features against the same part of the target.
+    fn tile_value_and_grad(&self, tile: &Tile<'_>) -> Result<(f64, LayerGrads), CoreError> {
+        self.check_prepared()?;
+        let mut value = 0.0;
+        let mut grads = Vec::with_capacity(self.layers.len());
+        for (&layer, target) in self.layers.iter().zip(&self.targets) {
+            let diff = (tile.features.get(layer)? - tile.placement(layer)?.crop(target)?)?;
+            value += 0.5 * sum_of_squares(&diff)?;
+            grads.push((layer, diff));
+        }
+        Ok((value, grads))
     }
 }
 

@@ -4,7 +4,7 @@ use easel_core::candle_core::Tensor;
 use easel_core::sums::{sum_dtype, sum_of_squares};
 use easel_core::{
     CoreError, FeatureMaps, LayerGrads, LayerId, Loss, LossFactory, OptionDefault, OptionSpec, Options,
-    References,
+    References, StyleStatistics, Tile, Tiling,
 };
 use rayon::prelude::*;
 
@@ -107,6 +107,18 @@ pub fn gram_matrix_wide(features: &Tensor) -> Result<Tensor, CoreError> {
     Ok((g / m as f64)?)
 }
 
+/// `F F^T / m` over the columns of `features` (`[1, N, h, w]`), in the sum type: a tile's
+/// share of the whole map's Gram matrix when `m` is the whole map's positions.
+fn gram_share(features: &Tensor, m: usize) -> Result<Tensor, CoreError> {
+    let (_, n, h, w) = features.dims4()?;
+    if h * w == 0 {
+        // A last tile narrower than this layer's cell owns none of its positions.
+        return Ok(Tensor::zeros((n, n), sum_dtype(features.device()), features.device())?);
+    }
+    // `gram_matrix_wide` divides by the tile's own positions; rescale to the whole map's.
+    Ok((gram_matrix_wide(&features.contiguous()?)? * ((h * w) as f64 / m as f64))?)
+}
+
 /// `sum_l w_l E_l` with `E_l = sum (G_l - A_l)^2 / (4 N_l^2)`; `A_l` blends the style images.
 pub struct GramLoss {
     layers: Vec<LayerId>,
@@ -206,6 +218,72 @@ impl Loss for GramLoss {
             Ok((value, grads))
         };
         Some(run())
+    }
+
+    /// `G` is a sum over the whole image's positions: its statistics are the Gram matrices.
+    fn tiling(&self) -> Tiling {
+        Tiling::Global
+    }
+
+    /// `F F^T / M` over the tile's own positions, one matrix per layer (`M`: the whole map's).
+    fn tile_statistics(&self, tile: &Tile<'_>) -> Result<Vec<Tensor>, CoreError> {
+        self.layers
+            .iter()
+            .map(|&layer| gram_share(tile.features.get(layer)?, tile.placement(layer)?.whole_positions()))
+            .collect()
+    }
+
+    /// `A_l`: the style images' Gram matrices, blended, as [`Loss::prepare`] makes them.
+    fn prepare_from_statistics(&mut self, styles: &[StyleStatistics]) -> Result<(), CoreError> {
+        if styles.is_empty() {
+            return Err(CoreError::MissingReference("the gram loss needs at least one style image".into()));
+        }
+        let total_weight: f64 = styles.iter().map(|s| s.weight).sum();
+        let mut targets = Vec::with_capacity(self.layers.len());
+        for index in 0..self.layers.len() {
+            let mut blend: Option<Tensor> = None;
+            for style in styles {
+                let g = style.statistics.get(index).ok_or_else(|| {
+                    CoreError::MissingReference(format!("style statistics have no entry for layer {index}"))
+                })?;
+                let g = (g * (style.weight / total_weight))?;
+                blend = Some(match blend {
+                    Some(b) => (b + g)?,
+                    None => g,
+                });
+            }
+            targets.extend(blend.map(|b| b.detach()));
+        }
+        self.targets = targets;
+        Ok(())
+    }
+
+    fn value_from_statistics(&self, totals: &[Tensor]) -> Result<f64, CoreError> {
+        self.check_prepared()?;
+        let mut value = 0.0;
+        for ((g, target), &w) in totals.iter().zip(&self.targets).zip(&self.layer_weights) {
+            let n = g.dim(0)? as f64;
+            value += w * sum_of_squares(&(g - target)?)? / (4.0 * n * n);
+        }
+        Ok(value)
+    }
+
+    /// `dE_l/dF = (G - A) F / (N^2 M)` on the tile's own features, `G` the whole image's.
+    fn tile_grad(&self, tile: &Tile<'_>, totals: &[Tensor]) -> Result<LayerGrads, CoreError> {
+        self.check_prepared()?;
+        let mut grads = Vec::with_capacity(self.layers.len());
+        for (((&layer, g), target), &w) in
+            self.layers.iter().zip(totals).zip(&self.targets).zip(&self.layer_weights)
+        {
+            let f = tile.features.get(layer)?;
+            let (_, n, h, wd) = f.dims4()?;
+            let scale = w / ((n * n) as f64 * tile.placement(layer)?.whole_positions() as f64);
+            let grad = ((g - target)? * scale)?
+                .to_dtype(f.dtype())?
+                .matmul(&f.contiguous()?.reshape((n, h * wd))?)?;
+            grads.push((layer, grad.reshape((1, n, h, wd))?));
+        }
+        Ok(grads)
     }
 }
 
