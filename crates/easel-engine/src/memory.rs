@@ -391,27 +391,37 @@ mod tests {
         assert!(change.to > 1 && change.to < 100, "{change}");
         assert_eq!(plan.optimizer.plugin.state_bytes(1), 4 * (2 * change.to + 6));
 
+        // Adam at 512 px in 400 MB: too much whole, so tiles that fit.
         let mut adam = super::tests::plan("[run]\nsize = 512\n[optimizer]\ntype = \"adam\"");
-        let err = fit(&mut adam, &spec, (1024, 768), &[], 400 * MB).unwrap_err();
+        let whole = predict(&adam, &spec, (1024, 768), &[], 400 * MB);
+        assert!(!whole.fits() && whole.tile_size.is_none());
+        let tiled = fit(&mut adam, &spec, (1024, 768), &[], 400 * MB).expect("fits in tiles");
+        let step = tiled.tile_size.expect("tiled");
+        assert!(step % 64 == 0 && step < 512 && tiled.fits() && tiled.adjustments.is_empty(), "{tiled:?}");
+        assert!(tiled.part("evaluation") < whole.part("evaluation"));
+        // The next larger tile would not fit: the planner takes the largest that does.
+        assert!(!predict_with(&adam, &spec, (1024, 768), &[], 400 * MB, Some(step + 64)).fits());
+
+        // 150 MB: not even the smallest tiles fit beside the model.
+        let err = fit(&mut adam, &spec, (1024, 768), &[], 150 * MB).unwrap_err();
         let EngineError::OverBudget { need_mb, budget_mb, ref advice, .. } = err else { panic!("{err}") };
-        assert_eq!(budget_mb, 400);
-        assert!(need_mb > 400, "{need_mb}");
-        // The advised size fits.
-        let size: u32 = advice
-            .strip_prefix("run.size = ")
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("{advice}"));
-        adam.run.size = size;
-        assert!(predict(&adam, &spec, (1024, 768), &[], 400 * MB).fits(), "{size}");
+        assert_eq!(budget_mb, 150);
+        assert!(need_mb > 150, "{need_mb}");
+        assert!(!advice.is_empty(), "{err}");
         assert!(err.to_string().contains("limits.memory_mb"), "{err}");
     }
 
     #[test]
-    fn a_16384_px_job_is_refused_even_with_64_gb() {
-        let mut plan = plan("[run]\nsize = 16384\niterations = 1");
+    fn a_16384_px_job_is_refused_in_8_gb_and_tiled_in_64() {
+        let mut plan = plan("[run]\nsize = 16384\niterations = 1\n[optimizer]\ntype = \"adam\"");
         let spec = ModelSpec::of(&plan);
-        let err = fit(&mut plan, &spec, (4000, 3000), &[(800, 600)], 64 << 30).unwrap_err();
+        // Whole, one evaluation alone would take hundreds of GB.
+        let whole = predict(&plan, &spec, (4000, 3000), &[(800, 600)], 64 << 30);
+        assert!(whole.part("evaluation") > 200 << 30, "{whole:?}");
+        // The image, its gradient, Adam's moments and the content targets alone exceed 8 GB.
+        let err = fit(&mut plan, &spec, (4000, 3000), &[(800, 600)], 8 << 30).unwrap_err();
         assert!(matches!(err, EngineError::OverBudget { need_mb, .. } if need_mb > 100_000), "{err}");
+        let tiled = fit(&mut plan, &spec, (4000, 3000), &[(800, 600)], 64 << 30).expect("tiles fit");
+        assert!(tiled.tile_size.is_some() && tiled.fits(), "{tiled:?}");
     }
 }
