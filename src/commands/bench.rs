@@ -91,6 +91,7 @@ pub fn bench(args: BenchArgs, registry: &Registry) -> Result<()> {
             "kernel_cache_mb": job.run.vgg().kernel_cache_used() as f64 / (1 << 20) as f64,
             // What `easel plan` predicted for this job, to set beside the measured peak.
             "peak_rss_mb_predicted": (job.run.memory().peak_bytes() >> 20),
+            "tile_size": job.run.tile_step(),
             "device": easel_engine::device_name(job.run.vgg().device()),
             "threads": candle_core::utils::get_num_threads(),
             "loss_first": losses.first(),

@@ -7,8 +7,7 @@ use anyhow::Result;
 use clap::Args;
 use easel_core::Registry;
 use easel_engine::memory::{self, MemoryPlan};
-use easel_engine::{load_image, EngineError, ModelSpec, StyleRun};
-use easel_vgg::memory::evaluation_flops;
+use easel_engine::{evaluation_work, load_image, EngineError, ModelSpec, StyleRun};
 use easel_vgg::WeightsFile;
 use serde_json::{json, Value};
 use toml::Table;
@@ -70,10 +69,10 @@ pub fn plan(args: PlanArgs, registry: &Registry) -> Result<()> {
     run.objective().total(&x)?;
     let measured = started.elapsed().as_secs_f64();
     let (_, _, h, w) = x.dims4()?;
-    let layers_read = easel_engine::layers_of(&run.plan().losses);
-    let seconds = measured
-        * evaluation_flops(&layers_read, memory.height as usize, memory.width as usize) as f64
-        / evaluation_flops(&layers_read, h, w).max(1) as f64;
+    let (height, width) = (memory.height as usize, memory.width as usize);
+    let tile_step = memory.tile_size.map(|s| s as usize);
+    let seconds = measured * evaluation_work(&plan.losses, height, width, tile_step) as f64
+        / evaluation_work(&run.plan().losses, h, w, None).max(1) as f64;
 
     let report = report(&memory, &plan, seconds, refusal.as_deref());
     if args.json {
@@ -106,8 +105,12 @@ fn report(memory: &MemoryPlan, plan: &easel_config::Plan, seconds: f64, refusal:
         "peak_rss_mb": (memory.peak_bytes() as f64 / MB).round(),
         "budget_mb": (memory.budget_bytes as f64 / MB).round(),
         "fits": refusal.is_none(),
-        "strategy": if refusal.is_none() { Value::from("whole") } else { Value::Null },
-        "tile_size": Value::Null,
+        "strategy": match (refusal, memory.tile_size) {
+            (Some(_), _) => Value::Null,
+            (None, None) => Value::from("whole"),
+            (None, Some(_)) => Value::from("tiled"),
+        },
+        "tile_size": memory.tile_size,
         "optimizer": plan.optimizer.kind,
         "lbfgs_history": history,
         "adjustments": memory.adjustments.iter().map(ToString::to_string).collect::<Vec<_>>(),
@@ -126,8 +129,12 @@ fn lbfgs_history(memory: &MemoryPlan, plan: &easel_config::Plan) -> Option<u64> 
 }
 
 fn print_summary(memory: &MemoryPlan, report: &Value) {
+    let strategy = match memory.tile_size {
+        Some(step) => format!("in tiles of {step} px"),
+        None => "whole".to_string(),
+    };
     println!(
-        "{}x{}: peak about {} MB of a {} MB budget; {:.2} s per evaluation on this machine",
+        "{}x{} {strategy}: peak about {} MB of a {} MB budget; {:.2} s per evaluation on this machine",
         memory.width,
         memory.height,
         report["peak_rss_mb"],

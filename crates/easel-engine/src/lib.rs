@@ -18,3 +18,4 @@ pub use image_io::{load_image, save_image, RgbImage};
 pub use model::ModelSpec;
 pub use objective::{l2_norm, layers_of, LossReport, StyleObjective};
 pub use run::{Progress, StyleRun};
+pub use tiled::evaluation_work;

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use candle_core::{Device, Tensor};
 use easel_config::WeightedLoss;
 use easel_core::{FeatureMaps, LayerId, References, StyleReference, StyleStatistics, Tile, Tiling};
-use easel_vgg::memory::layer_shape;
+use easel_vgg::memory::{evaluation_flops, layer_shape};
 use easel_vgg::Vgg19;
 
 use crate::objective::value_and_layer_grads;
@@ -44,6 +44,23 @@ pub fn untileable(losses: &[WeightedLoss]) -> Vec<&'static str> {
         .filter(|l| !pixels_only(l) && l.loss.tiling() == Tiling::Unsupported)
         .map(|l| l.kind)
         .collect()
+}
+
+/// The convolutions' work (FLOPs) of one evaluation of `losses` on a `height x width` image,
+/// whole or in tiles of `tile_step` pixels: each tile's window runs forward and back, and
+/// forward once more before that when a global loss needs its statistics.
+pub fn evaluation_work(losses: &[WeightedLoss], height: usize, width: usize, tile_step: Option<usize>) -> u64 {
+    let layers = crate::layers_of(losses);
+    let Some(step) = tile_step else { return evaluation_flops(&layers, height, width) };
+    let global = losses.iter().any(|l| !pixels_only(l) && l.loss.tiling() == Tiling::Global);
+    cut(height, width, step, &tiled_layers(losses.iter()))
+        .iter()
+        .map(|tile| {
+            let both = evaluation_flops(&layers, tile.rows.len(), tile.cols.len());
+            // evaluation_flops counts the forward pass and the input gradients alike.
+            if global { both + both / 2 } else { both }
+        })
+        .sum()
 }
 
 /// The window of `tile` out of `image` (`[1, 3, H, W]`), contiguous.
