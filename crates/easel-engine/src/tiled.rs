@@ -49,7 +49,12 @@ pub fn untileable(losses: &[WeightedLoss]) -> Vec<&'static str> {
 /// The convolutions' work (FLOPs) of one evaluation of `losses` on a `height x width` image,
 /// whole or in tiles of `tile_step` pixels: each tile's window runs forward and back, and
 /// forward once more before that when a global loss needs its statistics.
-pub fn evaluation_work(losses: &[WeightedLoss], height: usize, width: usize, tile_step: Option<usize>) -> u64 {
+pub fn evaluation_work(
+    losses: &[WeightedLoss],
+    height: usize,
+    width: usize,
+    tile_step: Option<usize>,
+) -> u64 {
     let layers = crate::layers_of(losses);
     let Some(step) = tile_step else { return evaluation_flops(&layers, height, width) };
     let global = losses.iter().any(|l| !pixels_only(l) && l.loss.tiling() == Tiling::Global);
@@ -58,7 +63,11 @@ pub fn evaluation_work(losses: &[WeightedLoss], height: usize, width: usize, til
         .map(|tile| {
             let both = evaluation_flops(&layers, tile.rows.len(), tile.cols.len());
             // evaluation_flops counts the forward pass and the input gradients alike.
-            if global { both + both / 2 } else { both }
+            if global {
+                both + both / 2
+            } else {
+                both
+            }
         })
         .sum()
 }

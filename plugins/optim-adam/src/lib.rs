@@ -1,5 +1,9 @@
 //! Adam (Kingma & Ba, 2015) as PyTorch's `torch.optim.Adam` computes it, without weight decay or AMSGrad.
 
+mod in_place;
+
+use std::cell::Cell;
+
 use easel_core::candle_core::Tensor;
 use easel_core::{
     CoreError, Objective, Optimizer, OptimizerFactory, OptimizerState, OptionDefault, OptionSpec, Options,
@@ -108,12 +112,15 @@ pub struct Adam {
     moments: Option<Moments>,
     /// Number of steps taken since the last reset.
     t: u64,
+    /// The moments' storage may be shared with tensors handed out by [`Optimizer::state`] or
+    /// taken in by [`Optimizer::restore`]: copied before the next in-place update.
+    shared: Cell<bool>,
 }
 
 impl Adam {
     /// An optimiser with no history. `config` is used as given: [`AdamFactory`] validates it.
     pub fn new(config: AdamConfig) -> Self {
-        Self { config, moments: None, t: 0 }
+        Self { config, moments: None, t: 0, shared: Cell::new(false) }
     }
 
     /// The hyper-parameters in use.
@@ -124,8 +131,8 @@ impl Adam {
     /// Moments of a previous step, or zeros on the first; errors when they do not fit `x`.
     fn current_moments(&self, x: &Tensor) -> Result<Moments, CoreError> {
         let Some(moments) = &self.moments else {
-            let zeros = x.zeros_like()?;
-            return Ok(Moments { m: zeros.clone(), v: zeros });
+            // Two tensors, not one shared: the CPU step updates them in place.
+            return Ok(Moments { m: x.zeros_like()?, v: x.zeros_like()? });
         };
         if moments.m.shape() != x.shape() {
             return Err(CoreError::BadState(format!(
@@ -135,7 +142,11 @@ impl Adam {
             )));
         }
         // A restored checkpoint is loaded on the CPU; moving is a no-op once on x's device.
-        Ok(Moments { m: moments.m.to_device(x.device())?, v: moments.v.to_device(x.device())? })
+        let (m, v) = (moments.m.to_device(x.device())?, moments.v.to_device(x.device())?);
+        if self.shared.get() {
+            return Ok(Moments { m: m.copy()?, v: v.copy()? });
+        }
+        Ok(Moments { m, v })
     }
 }
 
@@ -151,6 +162,27 @@ impl Optimizer for Adam {
         let grad = grad.detach();
         let AdamConfig { lr, beta1, beta2, eps } = self.config;
 
+        let bias_correction1 = 1.0 - beta1.powf(t as f64);
+        let bias_correction2 = 1.0 - beta2.powf(t as f64);
+        let step_size = lr / bias_correction1;
+        let grad = if grad.is_contiguous() { grad } else { grad.contiguous()? };
+        if in_place::applies(&[x, &m, &v, &grad]) {
+            let c = in_place::Coefficients {
+                weight: 1.0 - beta1,
+                beta2,
+                denominator_scale: 1.0 / bias_correction2.sqrt(),
+                eps,
+                step_size,
+            };
+            let next = in_place::step(x, &m, &v, &grad, c)?;
+            drop(grad);
+            *x = next;
+            self.moments = Some(Moments { m, v });
+            self.shared.set(false);
+            self.t = t;
+            return Ok(Step { loss, evaluations: 1, converged: false });
+        }
+
         // PyTorch updates m with `lerp`, which switches formula at weight 0.5 for accuracy.
         let weight = 1.0 - beta1;
         let m = if weight < 0.5 {
@@ -160,9 +192,6 @@ impl Optimizer for Adam {
         };
         let v = (v.affine(beta2, 0.0)? + grad.sqr()?.affine(1.0 - beta2, 0.0)?)?;
 
-        let bias_correction1 = 1.0 - beta1.powf(t as f64);
-        let bias_correction2 = 1.0 - beta2.powf(t as f64);
-        let step_size = lr / bias_correction1;
         let denominator = v.sqrt()?.affine(1.0 / bias_correction2.sqrt(), eps)?;
         let update = (&m / &denominator)?.affine(step_size, 0.0)?;
         *x = (x.detach() - update)?;
@@ -182,6 +211,7 @@ impl Optimizer for Adam {
         if let Some(Moments { m, v }) = &self.moments {
             state.tensors.push(("m".to_string(), m.clone()));
             state.tensors.push(("v".to_string(), v.clone()));
+            self.shared.set(true);
         }
         state.scalars.push(("t".to_string(), self.t as f64));
         state
@@ -210,11 +240,14 @@ impl Optimizer for Adam {
         }
         // The image's shape is checked at the next step, when the image is known.
         self.moments = Some(Moments { m: m.clone(), v: v.clone() });
+        self.shared.set(true);
         self.t = t as u64;
         Ok(())
     }
 
-    /// The moments `m` and `v`, and a step's temporaries (the gradient, the update).
+    /// The moments `m` and `v`, and a step's temporaries: on the CPU the gradient and the new
+    /// image beside the old (elsewhere the tensor form's several temporaries are freed in
+    /// turn, and a GPU's memory is not the planner's).
     fn state_bytes(&self, elements: u64) -> u64 {
         4 * 4 * elements
     }
@@ -262,6 +295,25 @@ mod tests {
 
     fn values(x: &Tensor) -> Vec<f32> {
         x.to_vec1::<f32>().unwrap()
+    }
+
+    #[test]
+    fn a_state_handed_out_is_not_changed_by_later_steps() {
+        let (mut x, mut q) = setup();
+        let mut opt = adam(0.1);
+        opt.step(&mut x, &mut q).unwrap();
+        let saved = opt.state();
+        let before: Vec<Vec<f32>> =
+            saved.tensors.iter().map(|(_, t)| t.flatten_all().unwrap().to_vec1().unwrap()).collect();
+        opt.step(&mut x, &mut q).unwrap();
+        opt.step(&mut x, &mut q).unwrap();
+        let after: Vec<Vec<f32>> =
+            saved.tensors.iter().map(|(_, t)| t.flatten_all().unwrap().to_vec1().unwrap()).collect();
+        assert_eq!(before, after, "the moments are updated in place, but only once they are Adam's alone");
+        // And restoring it gives the run from there again.
+        let mut again = adam(0.1);
+        again.restore(&saved).unwrap();
+        assert_eq!(again.state().tensors.len(), 2);
     }
 
     #[test]
