@@ -397,7 +397,7 @@ mod tests {
         assert!(!whole.fits() && whole.tile_size.is_none());
         let tiled = fit(&mut adam, &spec, (1024, 768), &[], 400 * MB).expect("fits in tiles");
         let step = tiled.tile_size.expect("tiled");
-        assert!(step % 64 == 0 && step < 512 && tiled.fits() && tiled.adjustments.is_empty(), "{tiled:?}");
+        assert!(step.is_multiple_of(64) && step < 512 && tiled.fits() && tiled.adjustments.is_empty(), "{tiled:?}");
         assert!(tiled.part("evaluation") < whole.part("evaluation"));
         // The next larger tile would not fit: the planner takes the largest that does.
         assert!(!predict_with(&adam, &spec, (1024, 768), &[], 400 * MB, Some(step + 64)).fits());
