@@ -103,6 +103,7 @@ mod tests {
             parts: vec![Part { name: "weights", bytes: shared }, Part { name: "evaluation", bytes: own }],
             budget_bytes: 100,
             adjustments: Vec::new(),
+            tile_size: None,
         }
     }
 
