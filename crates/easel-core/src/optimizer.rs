@@ -77,9 +77,17 @@ pub trait Optimizer: Send {
     /// Restores a state produced by [`Optimizer::state`] of the same plugin.
     fn restore(&mut self, state: &OptimizerState) -> Result<(), CoreError>;
 
-    /// The most bytes this optimiser holds for an image of `elements` values (its state and
-    /// the image-sized temporaries of a step), for the memory planner.
+    /// The most bytes this optimiser holds while the objective is evaluated, for an image of
+    /// `elements` values (its state, and whatever a step keeps across the evaluations it makes,
+    /// as L-BFGS's line search does), for the memory planner. The image and its gradient are
+    /// the planner's own.
     fn state_bytes(&self, elements: u64) -> u64;
+
+    /// The bytes a step allocates beside [`Optimizer::state_bytes`] when no evaluation is
+    /// running (the update, the new image), for the memory planner. Default: 0.
+    fn step_bytes(&self, _elements: u64) -> u64 {
+        0
+    }
 
     /// Makes the optimiser hold at most `bytes` for an image of `elements` values if one of
     /// its options allows (L-BFGS keeps a shorter history), saying what it changed; `None` when

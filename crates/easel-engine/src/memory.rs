@@ -40,7 +40,7 @@ pub fn fitted(width: u32, height: u32, longest: u32) -> (u32, u32) {
 }
 
 /// One named part of a prediction.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Part {
     pub name: &'static str,
     pub bytes: u64,
@@ -199,18 +199,42 @@ pub fn predict_with(
         .sum();
     let elements = 3 * u64::from(width) * u64::from(height);
     let (eh, ew) = evaluated(h, w);
-    let evaluation = evaluation_part(&layers, eh, ew);
+    let evaluation = Part { name: "evaluation", bytes: evaluation_part(&layers, eh, ew) };
+    let image = Part { name: "image", bytes: image_bytes(width, height) };
+    let gradient = Part { name: "gradient", bytes: image_bytes(width, height) };
     let previews = if plan.run.save_every > 0 { image_bytes(width, height) } else { 0 };
-    let parts = vec![
+    let optimizer = Part { name: "optimizer", bytes: plan.optimizer.plugin.state_bytes(elements) + previews };
+    // The decoded input files, kept at their own size for the whole run (colour transfer,
+    // rescaling at each scale).
+    let inputs = std::iter::once(content).chain(styles.iter().copied()).map(|(w, h)| image_bytes(w, h)).sum();
+    let mut parts = vec![
         Part { name: "runtime", bytes: RUNTIME_BYTES },
         Part { name: "weights", bytes: weights_bytes(spec.deepest) },
         Part { name: "kernel_cache", bytes: cache },
-        Part { name: "evaluation", bytes: evaluation },
-        // The image, its gradient, and the content image at this scale.
-        Part { name: "images", bytes: 3 * image_bytes(width, height) + style_images + previews },
+        Part { name: "inputs", bytes: inputs },
         Part { name: "targets", bytes: plan.losses.iter().map(|l| l.loss.target_bytes(&shape)).sum() },
-        Part { name: "optimizer", bytes: plan.optimizer.plugin.state_bytes(elements) },
     ];
+    // A job goes through three phases, each holding its own parts beside those above: the
+    // reference images' features becoming targets at the start of a scale (beside the
+    // previous scale's image); an evaluation; and the optimiser's step between evaluations.
+    let previous = match sizes.len() {
+        0 | 1 => 0,
+        n => {
+            let (pw, ph) = fitted(content.0, content.1, sizes[n - 2]);
+            image_bytes(pw, ph) + plan.optimizer.plugin.state_bytes(3 * u64::from(pw) * u64::from(ph))
+        }
+    };
+    let phases = [
+        vec![
+            Part { name: "references", bytes: image_bytes(width, height) + style_images + previous },
+            evaluation.clone(),
+        ],
+        vec![image.clone(), optimizer.clone(), gradient.clone(), evaluation],
+        vec![image, optimizer, gradient, Part { name: "step", bytes: plan.optimizer.plugin.step_bytes(elements) }],
+    ];
+    let total = |phase: &Vec<Part>| phase.iter().map(|p| p.bytes).sum::<u64>();
+    let peak = phases.into_iter().max_by_key(total).unwrap_or_default();
+    parts.extend(peak);
     MemoryPlan { width, height, parts, budget_bytes: budget, adjustments: Vec::new(), tile_size }
 }
 

@@ -245,11 +245,15 @@ impl Optimizer for Adam {
         Ok(())
     }
 
-    /// The moments `m` and `v`, and a step's temporaries: on the CPU the gradient and the new
-    /// image beside the old (elsewhere the tensor form's several temporaries are freed in
-    /// turn, and a GPU's memory is not the planner's).
+    /// The moments `m` and `v`.
     fn state_bytes(&self, elements: u64) -> u64 {
-        4 * 4 * elements
+        2 * 4 * elements
+    }
+
+    /// The new image beside the old: on the CPU the moments are updated in place (elsewhere the
+    /// tensor form's temporaries are on the GPU, whose memory is not the planner's).
+    fn step_bytes(&self, elements: u64) -> u64 {
+        4 * elements
     }
 }
 

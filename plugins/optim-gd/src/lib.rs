@@ -92,8 +92,13 @@ impl Optimizer for GradientDescent {
         Ok(())
     }
 
-    /// No state: the gradient and the update while a step runs.
-    fn state_bytes(&self, elements: u64) -> u64 {
+    /// No state.
+    fn state_bytes(&self, _elements: u64) -> u64 {
+        0
+    }
+
+    /// The update `lr * g` and the new image.
+    fn step_bytes(&self, elements: u64) -> u64 {
         2 * 4 * elements
     }
 }
