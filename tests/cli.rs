@@ -1041,7 +1041,17 @@ fn plan_json(args: &[&str]) -> serde_json::Value {
 fn plan_reports_the_peak_its_parts_the_strategy_and_the_time() {
     let v = plan_json(&["--size", "128"]);
     let parts = v["parts_mb"].as_object().expect("parts_mb");
-    for part in ["runtime", "weights", "kernel_cache", "evaluation", "images", "targets", "optimizer"] {
+    for part in [
+        "runtime",
+        "weights",
+        "kernel_cache",
+        "inputs",
+        "evaluation",
+        "image",
+        "gradient",
+        "targets",
+        "optimizer",
+    ] {
         assert!(parts.contains_key(part), "{part} missing: {v}");
     }
     let sum: f64 = parts.values().map(|p| p.as_f64().expect("MB")).sum();
@@ -1057,31 +1067,54 @@ fn plan_reports_the_peak_its_parts_the_strategy_and_the_time() {
 }
 
 /// What `easel bench` measures as its peak is what `easel plan` predicted, within 15%, with
-/// Adam and with L-BFGS once its history is full.
+/// Adam and with L-BFGS once its history is full, whole and in tiles.
 #[test]
 fn plan_predicts_the_peak_bench_measures_within_15_percent() {
-    let config = scratch().join("history8.toml");
-    std::fs::write(&config, "[optimizer]\ntype = \"lbfgs\"\nhistory = 8\n").unwrap();
-    let config = config.to_str().expect("UTF-8 path");
-    for (optimizer, iterations) in [("adam", "3"), ("lbfgs", "12")] {
-        for size in ["128", "256"] {
-            let args = ["--size", size, "--config", config, "--optimizer", optimizer];
-            let predicted = plan_json(&args)["peak_rss_mb"].as_f64().expect("peak_rss_mb");
-            let out = sample_job(&["bench", "--json", "--iterations", iterations])
-                .args(args)
-                .output()
-                .expect("runs");
-            assert!(out.status.success(), "{}", stderr(&out));
-            let bench: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
-            let measured = bench["peak_rss_mb"].as_f64().expect("peak_rss_mb");
-            let error = (predicted - measured).abs() / measured;
-            eprintln!("{optimizer} {size} px: predicted {predicted} MB, measured {measured:.0} MB");
-            assert!(
-                error <= 0.15,
-                "{optimizer} at {size} px: predicted {predicted} MB, measured {measured} MB"
-            );
-        }
+    let whole = scratch().join("history8.toml");
+    std::fs::write(&whole, "[optimizer]\ntype = \"lbfgs\"\nhistory = 8\n").unwrap();
+    let tiled = scratch().join("history8-tiles128.toml");
+    std::fs::write(&tiled, "[optimizer]\ntype = \"lbfgs\"\nhistory = 8\n[model]\ntile_size = 128\n").unwrap();
+    let cases = [
+        (&whole, "adam", "3", "128"),
+        (&whole, "adam", "3", "256"),
+        (&whole, "lbfgs", "12", "128"),
+        (&whole, "lbfgs", "12", "256"),
+        (&tiled, "adam", "3", "256"),
+        (&tiled, "adam", "3", "384"),
+        (&tiled, "lbfgs", "12", "256"),
+    ];
+    for (config, optimizer, iterations, size) in cases {
+        let config = config.to_str().expect("UTF-8 path");
+        let args = ["--size", size, "--config", config, "--optimizer", optimizer];
+        let plan = plan_json(&args);
+        let predicted = plan["peak_rss_mb"].as_f64().expect("peak_rss_mb");
+        let out =
+            sample_job(&["bench", "--json", "--iterations", iterations]).args(args).output().expect("runs");
+        assert!(out.status.success(), "{}", stderr(&out));
+        let bench: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+        assert_eq!(bench["tile_size"], plan["tile_size"], "{config}: the run is cut as planned");
+        let measured = bench["peak_rss_mb"].as_f64().expect("peak_rss_mb");
+        let error = (predicted - measured).abs() / measured;
+        let what = format!("{optimizer} at {size} px, tiles {}", plan["tile_size"]);
+        eprintln!("{what}: predicted {predicted} MB, measured {measured:.0} MB");
+        assert!(error <= 0.15, "{what}: predicted {predicted} MB, measured {measured} MB");
     }
+}
+
+/// A budget too small for the whole image gets tiles that fit it, and says so.
+#[test]
+fn a_budget_too_small_for_the_whole_image_plans_tiles() {
+    let config = scratch().join("tiles-budget.toml");
+    std::fs::write(&config, "[limits]\nmemory_mb = 600\n").unwrap();
+    let config = config.to_str().expect("UTF-8 path");
+    let whole = plan_json(&["--size", "1024", "--optimizer", "adam"]);
+    assert_eq!(whole["strategy"], "whole", "{whole}");
+    assert!(whole["peak_rss_mb"].as_f64().expect("peak") > 600.0, "{whole}");
+    let v = plan_json(&["--size", "1024", "--optimizer", "adam", "--config", config]);
+    assert_eq!((v["fits"].clone(), v["strategy"].clone()), (true.into(), "tiled".into()), "{v}");
+    let step = v["tile_size"].as_u64().expect("a tile size");
+    assert!(step % 64 == 0 && step < 1024, "{v}");
+    assert!(v["peak_rss_mb"].as_f64().expect("peak") <= 600.0, "{v}");
 }
 
 #[test]
