@@ -128,13 +128,20 @@ pub(crate) fn total(
     let mut value = 0.0;
 
     // First pass: the global losses' statistics, summed over the tiles (`totals[i]` for the
-    // i-th tiled term; empty for local ones).
+    // i-th tiled term; empty for local ones). The last tile is run as the second pass needs it,
+    // and kept: the second pass starts with it, from the end.
     let global_layers =
         tiled_layers(tiled_terms.iter().zip(&is_global).filter(|(_, &g)| g).map(|((l, _), _)| *l));
     let mut totals: Vec<Vec<Tensor>> = vec![Vec::new(); tiled_terms.len()];
+    let mut kept = None;
     if !global_layers.is_empty() {
-        for tile in &tiles {
-            let features = vgg.forward(&window(x, tile)?, &global_layers)?;
+        for (i, tile) in tiles.iter().enumerate() {
+            let (features, trace) = if i + 1 == tiles.len() {
+                let (features, trace) = vgg.forward_traced(&window(x, tile)?, &layers)?;
+                (features, Some(trace))
+            } else {
+                (vgg.forward(&window(x, tile)?, &global_layers)?, None)
+            };
             let own = own(&features, tile)?;
             let view = Tile { features: &own, placements: &tile.placements };
             for (((loss, _), sums), _) in
@@ -142,6 +149,7 @@ pub(crate) fn total(
             {
                 accumulate(loss.kind, sums, loss.loss.tile_statistics(&view)?)?;
             }
+            kept = trace.map(|trace| (features, trace));
         }
         for (((loss, scale), sums), _) in tiled_terms.iter().zip(&totals).zip(&is_global).filter(|(_, &g)| g)
         {
@@ -151,8 +159,11 @@ pub(crate) fn total(
 
     // Second pass: each tile's own gradient, back-propagated through its window.
     let mut grad = vec![0f32; 3 * height * width];
-    for tile in &tiles {
-        let (features, trace) = vgg.forward_traced(&window(x, tile)?, &layers)?;
+    for tile in tiles.iter().rev() {
+        let (features, trace) = match kept.take() {
+            Some(kept) => kept,
+            None => vgg.forward_traced(&window(x, tile)?, &layers)?,
+        };
         let own_features = own(&features, tile)?;
         let view = Tile { features: &own_features, placements: &tile.placements };
         let mut layer_grads: BTreeMap<LayerId, Tensor> = BTreeMap::new();
