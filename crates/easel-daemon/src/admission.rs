@@ -104,6 +104,7 @@ mod tests {
             budget_bytes: 100,
             adjustments: Vec::new(),
             tile_size: None,
+            evaluation_bytes: own,
         }
     }
 

@@ -62,6 +62,9 @@ pub struct MemoryPlan {
     /// `Some(step)`: the image is evaluated in tiles of `step` pixels (see [`crate::tiles`]);
     /// `None`: whole.
     pub tile_size: Option<u32>,
+    /// What one evaluation (of the whole image, or of a tile's window) takes, whichever phase
+    /// is the peak.
+    pub evaluation_bytes: u64,
 }
 
 impl MemoryPlan {
@@ -229,7 +232,7 @@ pub fn predict_with(
             Part { name: "references", bytes: image_bytes(width, height) + style_images + previous },
             evaluation.clone(),
         ],
-        vec![image.clone(), optimizer.clone(), gradient.clone(), evaluation],
+        vec![image.clone(), optimizer.clone(), gradient.clone(), evaluation.clone()],
         vec![
             image,
             optimizer,
@@ -238,9 +241,18 @@ pub fn predict_with(
         ],
     ];
     let total = |phase: &Vec<Part>| phase.iter().map(|p| p.bytes).sum::<u64>();
+    let evaluation_bytes = evaluation.bytes;
     let peak = phases.into_iter().max_by_key(total).unwrap_or_default();
     parts.extend(peak);
-    MemoryPlan { width, height, parts, budget_bytes: budget, adjustments: Vec::new(), tile_size }
+    MemoryPlan {
+        width,
+        height,
+        parts,
+        budget_bytes: budget,
+        adjustments: Vec::new(),
+        tile_size,
+        evaluation_bytes,
+    }
 }
 
 /// Plans `plan` against `budget` bytes, in this order: the image whole, as predicted; whole
@@ -279,6 +291,11 @@ pub fn fit(
             return Ok(fitted);
         }
     }
+    // The least it could take: in the smallest tiles, when it may be cut.
+    let least = match forced.is_none() && tileable(plan) {
+        true => predict_with(plan, spec, content, styles, budget, Some(64)),
+        false => first.clone(),
+    };
     let whole = first;
     let mut advice = advice(plan, &whole);
     let blockers = crate::tiled::untileable(&plan.losses);
@@ -289,7 +306,7 @@ pub fn fit(
         ));
     }
     Err(EngineError::OverBudget {
-        need_mb: whole.peak_bytes().div_ceil(MB),
+        need_mb: least.peak_bytes().min(whole.peak_bytes()).div_ceil(MB),
         budget_mb: budget / MB,
         width: whole.width,
         height: whole.height,

@@ -207,7 +207,7 @@ impl StyleRun {
             return Some(step);
         }
         let whole = memory::evaluation_part(&layers_of(&self.plan.losses), height as usize, width as usize);
-        (whole > self.memory.part("evaluation")).then_some(step)
+        (whole > self.memory.evaluation_bytes).then_some(step)
     }
 
     fn enter_scale(&mut self, scale: usize, previous: Option<&Tensor>) -> Result<(), EngineError> {
