@@ -297,7 +297,8 @@ pub fn fit(
         false => first.clone(),
     };
     let whole = first;
-    let mut advice = advice(plan, &whole);
+    // A size whose image-sized parts fit beside the rest, in the smallest tiles if it may be cut.
+    let mut advice = advice(plan, &least);
     let blockers = crate::tiled::untileable(&plan.losses);
     if !blockers.is_empty() {
         advice.push_str(&format!(
@@ -470,7 +471,18 @@ mod tests {
         assert!(whole.part("evaluation") > 200 << 30, "{whole:?}");
         // The image, its gradient, Adam's moments and the content targets alone exceed 8 GB.
         let err = fit(&mut plan, &spec, (4000, 3000), &[(800, 600)], 8 << 30).unwrap_err();
-        assert!(matches!(err, EngineError::OverBudget { need_mb, .. } if need_mb > 100_000), "{err}");
+        let EngineError::OverBudget { need_mb, ref advice, .. } = err else { panic!("{err}") };
+        assert!(need_mb > 8 << 10 && need_mb < whole.peak_bytes() / MB, "the least, in tiles: {err}");
+        // The advised size fits, in tiles.
+        let size: u32 = advice
+            .strip_prefix("run.size = ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{advice}"));
+        assert!(size > 4096, "{advice}");
+        plan.run.size = size;
+        assert!(fit(&mut plan, &spec, (4000, 3000), &[(800, 600)], 8 << 30).is_ok(), "{size}");
+        plan.run.size = 16384;
         let tiled = fit(&mut plan, &spec, (4000, 3000), &[(800, 600)], 64 << 30).expect("tiles fit");
         assert!(tiled.tile_size.is_some() && tiled.fits(), "{tiled:?}");
     }
