@@ -217,6 +217,15 @@ impl StyleRun {
         let style_side = ((self.sizes[scale] as f64 * self.plan.run.style_scale).round() as u32).max(1);
         self.tile_step = self.tile_step_at(w, h);
         if let Some(step) = self.tile_step {
+            tracing::info!(
+                width = w,
+                height = h,
+                tile_size = step,
+                "evaluating in tiles of {step} px (exact; each window reads {} px around its tile)",
+                crate::tiles::halo(
+                    layers_of(&self.plan.losses).iter().copied().max().unwrap_or(easel_core::LayerId::Pixels)
+                )
+            );
             let styles = self
                 .styles
                 .iter()
