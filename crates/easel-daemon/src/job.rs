@@ -451,10 +451,19 @@ impl Crash {
         Self { signal: status.signal(), code: status.code(), allocation }
     }
 
-    /// What happened, as a sentence without its end: "the worker was killed by signal 9 (SIGKILL)".
+    /// What happened, for the log: "the worker was killed by signal 9 (SIGKILL)".
     fn describe(&self) -> String {
-        if let Some(line) = &self.allocation {
-            return format!("an allocation failed in the worker ({line})");
+        match &self.allocation {
+            Some(line) => format!("{} ({line})", self.kind()),
+            None => self.kind(),
+        }
+    }
+
+    /// What happened, without the particulars that differ from one crash to the next (the
+    /// size of the allocation that failed).
+    fn kind(&self) -> String {
+        if self.allocation.is_some() {
+            return "the worker ran out of memory".to_string();
         }
         match (self.signal, self.code) {
             (Some(signal), _) => match signal_name(signal) {
@@ -477,26 +486,26 @@ fn crash_error(crashes: u32, seen: &[Crash], memory: &MemoryPlan) -> JobError {
         2 => "twice".to_string(),
         n => format!("{n} times"),
     };
-    let how = if seen.len() as u32 == crashes && seen.iter().all(|c| c == last) {
-        format!("{} {times}", last.describe())
+    let mut how = if seen.len() as u32 == crashes && seen.iter().all(|c| c.kind() == last.kind()) {
+        format!("{} {times}", last.kind())
     } else {
-        format!("{} (the last of {crashes} crashes)", last.describe())
+        format!("{} (the last of {crashes} crashes)", last.kind())
     };
-    let allocation = last.allocation.is_some();
+    if let Some(line) = &last.allocation {
+        how.push_str(&format!(" (the last time: {line})"));
+    }
     // A kill nobody asked for is most often the kernel's OOM killer; a signal a program
     // raises itself (a fault) is not.
-    let killed = matches!(last.signal, Some(9));
+    let verdict = match (&last.allocation, last.signal) {
+        (Some(_), _) => "out of memory",
+        (None, Some(9)) => "out of memory?",
+        _ => "not retried",
+    };
     JobError::WorkerCrashed {
         how,
         peak_mb: memory.peak_bytes() >> 20,
         cap_mb: memory_cap(memory) >> 20,
-        verdict: if allocation {
-            "out of memory"
-        } else if killed {
-            "out of memory?"
-        } else {
-            "not retried"
-        },
+        verdict,
     }
 }
 
@@ -704,5 +713,62 @@ pub(crate) fn process(shared: &Shared<'_>, job: ClaimedJob) -> JobEnd {
             tracing::error!(job = %job.id, error = %e, "job could not be finished; it stays in work/");
             JobEnd::Stuck
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use easel_engine::memory::Part;
+
+    fn planned(peak_mb: u64) -> MemoryPlan {
+        MemoryPlan {
+            width: 1,
+            height: 1,
+            parts: vec![Part { name: "evaluation", bytes: peak_mb << 20 }],
+            budget_bytes: u64::MAX,
+            adjustments: Vec::new(),
+        }
+    }
+
+    fn killed(signal: i32) -> Crash {
+        Crash { signal: Some(signal), code: None, allocation: None }
+    }
+
+    fn out_of_memory(bytes: u64) -> Crash {
+        Crash {
+            signal: Some(6),
+            code: None,
+            allocation: Some(format!("memory allocation of {bytes} bytes failed")),
+        }
+    }
+
+    #[test]
+    fn a_job_failed_after_crashes_says_how_its_workers_died_and_names_memory_when_likely() {
+        let memory = planned(100);
+        let cap = memory_cap(&memory) >> 20;
+        let kills = crash_error(2, &[killed(9), killed(9)], &memory).to_string();
+        assert_eq!(
+            kills,
+            format!("the worker was killed by signal 9 (SIGKILL) twice; planned peak 100 MB, cap {cap} MB: out of memory?")
+        );
+        let allocations = crash_error(2, &[out_of_memory(10), out_of_memory(20)], &memory).to_string();
+        assert_eq!(
+            allocations,
+            format!(
+                "the worker ran out of memory twice (the last time: memory allocation of 20 bytes failed); \
+                 planned peak 100 MB, cap {cap} MB: out of memory"
+            )
+        );
+        let mixed = crash_error(2, &[killed(9), killed(11)], &memory).to_string();
+        assert!(
+            mixed.starts_with("the worker was killed by signal 11 (SIGSEGV) (the last of 2 crashes)"),
+            "{mixed}"
+        );
+        assert!(mixed.ends_with("not retried"), "a fault is no memory shortage: {mixed}");
+        let earlier = crash_error(2, &[killed(9)], &memory).to_string();
+        assert!(earlier.contains("(the last of 2 crashes)"), "one crash came before this daemon: {earlier}");
+        let unseen = crash_error(2, &[], &memory).to_string();
+        assert!(unseen.contains("started 2 times"), "crashes of earlier daemons only: {unseen}");
     }
 }

@@ -264,15 +264,6 @@ pub fn run_worker(args: &WorkerArgs, registry: &Registry) -> Result<(), DaemonEr
     Ok(())
 }
 
-/// The sizes of the job's content image (named `name`, at `path`) and of its style images,
-/// read from their headers: what the memory plan needs, without decoding a pixel.
-fn input_sizes(plan: &Plan, path: &Path, name: &OsStr) -> Result<((u32, u32), Vec<(u32, u32)>), JobError> {
-    let content = image_dimensions(path, &plan.limits).map_err(|e| named(e, name))?;
-    let styles =
-        plan.styles.iter().map(|s| image_dimensions(&s.path, &plan.limits)).collect::<Result<_, _>>()?;
-    Ok((content, styles))
-}
-
 /// The job folder is an implementation detail; the user knows the file by its name.
 fn named(e: easel_engine::EngineError, name: &OsStr) -> JobError {
     match e {
@@ -285,13 +276,16 @@ fn named(e: easel_engine::EngineError, name: &OsStr) -> JobError {
 
 /// Plans the memory of the job `plan` on the content image `name` (at `path`) against
 /// `budget`: the supervisor to admit it, the worker to cap itself; both get the same answer.
+/// The images' sizes are read from their headers: no pixel is decoded.
 pub(crate) fn plan_memory(
     plan: &mut Plan,
     path: &Path,
     name: &OsStr,
     budget: u64,
 ) -> Result<MemoryPlan, JobError> {
-    let (content, styles) = input_sizes(plan, path, name)?;
+    let content = image_dimensions(path, &plan.limits).map_err(|e| named(e, name))?;
+    let styles: Vec<(u32, u32)> =
+        plan.styles.iter().map(|s| image_dimensions(&s.path, &plan.limits)).collect::<Result<_, _>>()?;
     plan.limits.memory_mb = budget >> 20;
     let spec = ModelSpec::of(plan);
     Ok(memory::fit(plan, &spec, content, &styles, budget)?)
