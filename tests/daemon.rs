@@ -184,8 +184,15 @@ fn kill_9_resumes_from_the_checkpoint_bit_identically_with_adam() {
     daemon.until(LONG, "a checkpoint at iteration 6 or later", || {
         job_checkpoint(&root).is_some_and(|(_, d)| d >= 6)
     });
+    let worker = root.status().unwrap()["running"][0]["pid"].as_u64().expect("the worker's pid");
     daemon.signal("KILL");
     assert!(!daemon.wait(Duration::from_secs(10)).success());
+    // The worker dies with its supervisor: no orphan goes on writing into the job folder.
+    wait_until(Duration::from_secs(10), "the worker to die with the daemon", || {
+        std::fs::read_to_string(format!("/proc/{worker}/stat")).map_or(true, |stat| {
+            stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        })
+    });
     let (job_dir, at) = job_checkpoint(&root).expect("the checkpoint survives");
     assert!(at < 40, "killed mid-job");
     assert_eq!(std::fs::read_to_string(job_dir.join(".attempts")).unwrap().trim(), "1");

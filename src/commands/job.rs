@@ -15,13 +15,21 @@ pub struct JobArgs {
     /// VGG-19 weights (safetensors).
     #[arg(long, value_name = "FILE")]
     pub weights: PathBuf,
+    /// The weights' sha256 (hex), for the provenance; else computed here.
+    #[arg(long, value_name = "HEX")]
+    pub weights_sha256: Option<String>,
     /// The daemon's memory budget in bytes, which the job is planned against.
     #[arg(long, value_name = "N")]
     pub budget_bytes: u64,
 }
 
 pub fn job(args: JobArgs, registry: &Registry) -> Result<()> {
-    let args = WorkerArgs { dir: args.dir, weights: args.weights, budget_bytes: args.budget_bytes };
+    let args = WorkerArgs {
+        dir: args.dir,
+        weights: args.weights,
+        weights_sha256: args.weights_sha256,
+        budget_bytes: args.budget_bytes,
+    };
     run_worker(&args, registry)?;
     Ok(())
 }

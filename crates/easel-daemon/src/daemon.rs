@@ -169,8 +169,8 @@ pub struct Daemon<'r> {
     root: Root,
     registry: &'r Registry,
     config: DaemonConfig,
-    /// The weights file, checked at start; each worker maps it for itself.
-    weights: PathBuf,
+    /// The weights file, checked (and hashed, once) here; each worker maps it for itself.
+    weights: WeightsFile,
     options: WatchOptions,
 }
 
@@ -476,8 +476,8 @@ impl<'r> Daemon<'r> {
         registry: &'r Registry,
         options: WatchOptions,
     ) -> Result<Self, DaemonError> {
-        WeightsFile::open(weights)?;
-        Ok(Self { root, registry, config, weights: weights.to_path_buf(), options })
+        let weights = WeightsFile::open(weights)?;
+        Ok(Self { root, registry, config, weights, options })
     }
 
     /// Runs until stopped by `signals` (or, with `--once`, until the inbox is empty). Jobs

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use easel_config::{ConfigLayers, Plan};
 use easel_core::Registry;
 use easel_engine::memory::{self, MemoryPlan};
+use easel_vgg::WeightsFile;
 use serde_json::{json, Value};
 
 use crate::admission::Admission;
@@ -47,8 +48,9 @@ const SPACE_MAX_WAIT: Duration = Duration::from_secs(30);
 pub(crate) struct Shared<'r> {
     pub root: Root,
     pub registry: &'r Registry,
-    /// The weights file each worker maps for itself.
-    pub weights: PathBuf,
+    /// The weights file, which each worker maps for itself; its hash is computed once, here,
+    /// for the results' provenance.
+    pub weights: WeightsFile,
     pub worker: WorkerCommand,
     pub config: Mutex<Arc<DaemonConfig>>,
     pub stop: Arc<AtomicBool>,
@@ -64,7 +66,7 @@ impl<'r> Shared<'r> {
     pub fn new(
         root: Root,
         registry: &'r Registry,
-        weights: PathBuf,
+        weights: WeightsFile,
         worker: WorkerCommand,
         config: DaemonConfig,
         board: StatusBoard,
@@ -532,7 +534,9 @@ fn supervise(shared: &Shared<'_>, job: &ClaimedJob) -> Result<Result<WorkerEnd, 
         .arg("job")
         .arg(&job.dir)
         .arg("--weights")
-        .arg(&shared.weights)
+        .arg(shared.weights.path())
+        .arg("--weights-sha256")
+        .arg(shared.weights.sha256()?)
         .arg("--budget-bytes")
         .arg(shared.admission.budget().to_string())
         .stdin(Stdio::piped())

@@ -49,6 +49,9 @@ pub struct WorkerArgs {
     pub dir: PathBuf,
     /// The VGG-19 weights.
     pub weights: PathBuf,
+    /// Their sha256 (hex), for the provenance, if the supervisor knows it: hashing 550 MB
+    /// again for every job would cost seconds on a small board.
+    pub weights_sha256: Option<String>,
     /// The daemon's memory budget in bytes, which the job is planned against.
     pub budget_bytes: u64,
 }
@@ -217,6 +220,7 @@ struct Worker<'r> {
     dir: PathBuf,
     registry: &'r Registry,
     weights: WeightsFile,
+    weights_sha256: Option<String>,
     budget: u64,
     fs: Arc<dyn Fs>,
     stop: Arc<AtomicBool>,
@@ -249,6 +253,7 @@ pub fn run_worker(args: &WorkerArgs, registry: &Registry) -> Result<(), DaemonEr
         dir: args.dir.clone(),
         registry,
         weights: WeightsFile::open(&args.weights)?,
+        weights_sha256: args.weights_sha256.clone(),
         budget: args.budget_bytes,
         fs,
         stop: Arc::clone(&stop),
@@ -299,7 +304,13 @@ fn provenance(w: &Worker<'_>, image: &OsStr, plan: &Plan) -> Result<Vec<(&'stati
         ("easel:source", lossy(image)),
         ("easel:job", w.id.clone()),
         ("easel:seed", plan.run.seed.to_string()),
-        ("easel:weights-sha256", w.weights.sha256()?.to_string()),
+        (
+            "easel:weights-sha256",
+            match &w.weights_sha256 {
+                Some(hex) => hex.clone(),
+                None => w.weights.sha256()?.to_string(),
+            },
+        ),
         ("easel:config", toml::to_string(&plan.merged).unwrap_or_default()),
     ])
 }
