@@ -686,6 +686,11 @@ pub(crate) fn process(shared: &Shared<'_>, job: ClaimedJob) -> JobEnd {
                 Ok(WorkerEnd::Finished(finished)) => succeed(shared, &job, &image, &finished),
                 Ok(WorkerEnd::Interrupted) => Ok(JobEnd::Interrupted),
                 Ok(WorkerEnd::Failed(reason)) => fail(shared, &job, &JobError::Worker(reason)),
+                // A worker stopped before its handlers were installed dies of the stop signal
+                // itself: a stop still, not a crash.
+                Err(crash) if shared.stop.load(Ordering::SeqCst) && matches!(crash.signal, Some(2 | 15)) => {
+                    Ok(JobEnd::Interrupted)
+                }
                 Err(crash) => {
                     // The attempt stays counted; the next turn of the loop tries again or fails it.
                     shared.running.forget(&job.dir);
