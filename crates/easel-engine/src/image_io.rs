@@ -327,6 +327,22 @@ mod tests {
     }
 
     #[test]
+    fn the_header_gives_the_size_load_image_decodes_with_its_checks_and_errors() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let jpeg = written(dir.path(), "photo.jpg", &jpeg_bytes());
+        assert_eq!(image_dimensions(&jpeg, &limits()).expect("size"), (400, 300));
+        assert_eq!(load_image(&jpeg, &limits()).expect("decodes").dimensions(), (400, 300));
+        let small = Limits { max_pixels: 400 * 300 - 1, ..limits() };
+        let (header, decode) = (image_dimensions(&jpeg, &small), load_image(&jpeg, &small));
+        let header = header.expect_err("over max_pixels").to_string();
+        assert_eq!(header, decode.expect_err("over max_pixels").to_string());
+        assert!(header.contains("limits.max_pixels"), "{header}");
+        let text = written(dir.path(), "notes.png", b"not an image");
+        let (header, decode) = (image_dimensions(&text, &limits()), load_image(&text, &limits()));
+        assert_eq!(header.expect_err("no image").to_string(), decode.expect_err("no image").to_string());
+    }
+
+    #[test]
     fn transparent_pixels_are_white_whatever_colour_they_hide() {
         let dir = tempfile::tempdir().expect("tmp");
         // Left half opaque red; right half fully transparent but hiding pure green; one
