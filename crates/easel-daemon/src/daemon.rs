@@ -50,8 +50,8 @@ pub struct WatchOptions {
     pub worker: Option<WorkerCommand>,
 }
 
-/// How the daemon starts a worker: `PROGRAM ARGS... job DIR --weights FILE --budget-bytes N`,
-/// where PROGRAM is an easel binary (its hidden `job` subcommand calls
+/// How the daemon starts a worker: `PROGRAM ARGS... job DIR --weights FILE --weights-sha256 HEX
+/// --budget-bytes N`, where PROGRAM is an easel binary (its hidden `job` subcommand calls
 /// [`crate::run_worker`]) and ARGS its global options (the log format, say).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerCommand {
@@ -467,8 +467,8 @@ impl Control<'_, '_> {
 }
 
 impl<'r> Daemon<'r> {
-    /// A daemon on `root` with `config`; the weights at `weights` are checked here (each
-    /// job's worker maps them for itself).
+    /// A daemon on `root` with `config`; the weights at `weights` are checked here, and hashed
+    /// once for the results' provenance (each job's worker maps them for itself).
     pub fn new(
         root: Root,
         config: DaemonConfig,

@@ -551,7 +551,7 @@ fn supervise(shared: &Shared<'_>, job: &ClaimedJob) -> Result<Result<WorkerEnd, 
     shared.board.worker(&job.id, pid);
     tracing::debug!(job = %job.id, pid, "worker started");
     let (reports_tx, reports) = crossbeam_channel::unbounded();
-    let reader = std::thread::spawn(move || {
+    let read_reports = move || {
         let Some(stdout) = stdout else { return };
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
@@ -564,23 +564,40 @@ fn supervise(shared: &Shared<'_>, job: &ClaimedJob) -> Result<Result<WorkerEnd, 
                 None => tracing::warn!(pid, line, "unexpected output from a worker"),
             }
         }
-    });
+    };
     // The worker's log joins the daemon's; the allocator's last words are kept for the reason.
-    let log = std::thread::spawn(move || -> Option<String> {
+    let pass_log_on = move || -> Option<String> {
         let mut allocation = None;
         let Some(stderr) = stderr else { return allocation };
         let mut stderr = BufReader::new(stderr);
         let mut line = Vec::new();
         while stderr.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
             let text = String::from_utf8_lossy(&line);
-            if let Some(at) = text.find("memory allocation of") {
-                allocation = Some(text[at..].trim_end().to_string());
+            // What Rust's allocation-failure handler prints before it aborts.
+            if text.starts_with("memory allocation of") {
+                allocation = Some(text.trim_end().to_string());
             }
             let _ = std::io::stderr().lock().write_all(&line);
             line.clear();
         }
         allocation
-    });
+    };
+    let threads = std::thread::Builder::new()
+        .name(format!("easel-reports-{pid}"))
+        .spawn(read_reports)
+        .and_then(|reader| {
+            let log = std::thread::Builder::new().name(format!("easel-log-{pid}")).spawn(pass_log_on)?;
+            Ok((reader, log))
+        });
+    let (reader, log) = match threads {
+        Ok(threads) => threads,
+        Err(e) => {
+            // Unsupervised, the worker would run blind: end it (the attempt is no crash).
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(io(program)(e));
+        }
+    };
     let mut end = None;
     let mut forwarded = false;
     loop {
