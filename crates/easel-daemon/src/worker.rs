@@ -23,7 +23,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use easel_config::{ConfigLayers, OutputFormat, Plan};
+use candle_core::DeviceLocation;
+use easel_config::{ConfigLayers, DeviceChoice, OutputFormat, Plan};
 use easel_core::Registry;
 use easel_engine::memory::MemoryPlan;
 use easel_engine::{image_dimensions, load_image, memory, save_image, Checkpoint, ModelSpec, StyleRun};
@@ -233,6 +234,15 @@ impl Worker<'_> {
     }
 }
 
+/// The `model.device` that names `device` itself.
+fn choice_of(device: &candle_core::Device) -> DeviceChoice {
+    match device.location() {
+        DeviceLocation::Cpu => DeviceChoice::Cpu,
+        DeviceLocation::Cuda { gpu_id } => DeviceChoice::Cuda(gpu_id),
+        DeviceLocation::Metal { gpu_id } => DeviceChoice::Metal(gpu_id),
+    }
+}
+
 /// `easel job DIR`: runs one attempt at the job in `args.dir` and reports it on stdout. `Err`
 /// only when the attempt could not begin (signal handlers, the weights); a job's own failure
 /// is reported, and is no error here.
@@ -338,15 +348,25 @@ fn attempt(w: &Worker<'_>) -> Result<WorkerEnd, JobError> {
     let (mut plan, image) = job_inputs(w)?;
     let content_path = w.dir.join(&image);
     let memory = plan_memory(&mut plan, &content_path, &image, w.budget)?;
-    let cap = memory_cap(&memory);
-    match cap_data(cap) {
-        Ok(()) => {
-            tracing::debug!(job = %w.id, peak_mb = memory.peak_bytes() >> 20, cap_mb = cap >> 20, "memory capped")
+    // The device first: `auto` becomes the device it finds, so the model loads where the cap
+    // was decided.
+    let device = easel_engine::device(plan.model.device)?;
+    let spec = ModelSpec { device: choice_of(&device), ..ModelSpec::of(&plan) };
+    if device.is_cpu() {
+        let cap = memory_cap(&memory);
+        match cap_data(cap) {
+            Ok(()) => {
+                tracing::debug!(job = %w.id, peak_mb = memory.peak_bytes() >> 20, cap_mb = cap >> 20, "memory capped")
+            }
+            Err(e) => tracing::warn!(job = %w.id, error = %e, "the worker's memory is not capped"),
         }
-        Err(e) => tracing::warn!(job = %w.id, error = %e, "the worker's memory is not capped"),
+    } else {
+        // The plan and the cap are about host memory as a CPU job uses it; a GPU's driver maps
+        // host memory of its own, which a data limit would starve.
+        tracing::info!(job = %w.id, device = %easel_engine::device_name(&device), "a GPU job's memory is not capped");
     }
     // What the inputs are loaded with, apart from the plan, which the run takes.
-    let (limits, style_specs, spec) = (plan.limits, plan.styles.clone(), ModelSpec::of(&plan));
+    let (limits, style_specs) = (plan.limits, plan.styles.clone());
     let load_inputs = || -> Result<_, JobError> {
         let content = load_image(&content_path, &limits).map_err(|e| named(e, &image))?;
         let mut styles = Vec::with_capacity(style_specs.len());
