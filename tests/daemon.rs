@@ -807,9 +807,15 @@ fn a_worker_over_its_memory_cap_ends_alone_and_is_reported_out_of_memory() {
     let events = daemon.events();
     let crashed = with_message(&events, "the job's worker crashed");
     assert_eq!(crashed.len(), 2, "{crashed:?}");
-    daemon.until(LONG, "status.json to count the failure", || {
-        root.status().is_some_and(|s| s["this_run"]["failed"] == 1 && s["state"] == "running")
-    });
+    let mut last = None;
+    let counted = Instant::now();
+    while !last.as_ref().is_some_and(|s: &serde_json::Value| s["this_run"]["failed"] == 1) {
+        assert!(counted.elapsed() < LONG, "status.json does not count the failure: {last:?}");
+        std::thread::sleep(Duration::from_millis(25));
+        last = root.status();
+    }
+    assert_eq!(last.unwrap()["state"], "running", "the daemon goes on");
+    assert!(daemon.child.try_wait().unwrap().is_none(), "the daemon goes on");
     daemon.until(LONG, "work/ to empty", || root.work_dirs().is_empty());
     assert!(root.files("out").is_empty());
     daemon.signal("TERM");

@@ -252,7 +252,8 @@ pub fn run_worker(args: &WorkerArgs, registry: &Registry) -> Result<(), DaemonEr
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&stop)).map_err(DaemonError::Signals)?;
     }
-    watch_supervisor(Arc::clone(&stop)).map_err(DaemonError::Signals)?;
+    watch_supervisor(Arc::clone(&stop))
+        .map_err(|source| DaemonError::Io { path: PathBuf::from("(stdin)"), source })?;
     // The test hook (see fsops::FaultyFs) reaches the worker through its environment.
     let fs: Arc<dyn Fs> = match FaultyFs::from_env() {
         Some(faulty) => Arc::new(faulty),
@@ -426,13 +427,6 @@ fn attempt(w: &Worker<'_>) -> Result<WorkerEnd, JobError> {
         }
         let Some(p) = run.step()? else { break };
         ran += 1;
-        w.reporter.send(&Report::Progress {
-            done: p.done,
-            total: p.total,
-            scale: p.scale,
-            scales: p.scales,
-            loss: p.loss,
-        });
         tracing::debug!(job = %w.id, iteration = p.done, total = p.total, loss = p.loss, "iteration");
         if every > 0 && p.done % every == 0 && !run.is_finished() {
             // A full disk costs resumability, not the job.
@@ -441,6 +435,15 @@ fn attempt(w: &Worker<'_>) -> Result<WorkerEnd, JobError> {
                 Err(e) => tracing::warn!(job = %w.id, error = %e, "cannot write checkpoint"),
             }
         }
+        // Reported after its checkpoint: an iteration status.json shows is one a stop now would
+        // resume after (when checkpoints are due every iteration).
+        w.reporter.send(&Report::Progress {
+            done: p.done,
+            total: p.total,
+            scale: p.scale,
+            scales: p.scales,
+            loss: p.loss,
+        });
     }
     let plan = run.plan();
     let format = plan.output.format;
