@@ -223,6 +223,10 @@ impl StatusBoard {
     /// The status as JSON.
     pub fn to_json(&self) -> Value {
         let board = self.board.lock().unwrap_or_else(|e| e.into_inner());
+        self.json_of(&board)
+    }
+
+    fn json_of(&self, board: &Board) -> Value {
         let running: Vec<Value> = board
             .running
             .iter()
@@ -277,13 +281,18 @@ impl StatusBoard {
 
     /// Rewrites `status.json` now.
     pub fn write_now(&self) {
-        let text = format!("{:#}\n", self.to_json());
+        // The snapshot is taken and the board marked clean at once: a change made while the
+        // file is being written (a job that ends during the fsync) leaves the board dirty for
+        // the next write instead of being lost with the mark.
+        let text = {
+            let mut board = self.board.lock().unwrap_or_else(|e| e.into_inner());
+            board.dirty = false;
+            board.last_write = Some(Instant::now());
+            format!("{:#}\n", self.json_of(&board))
+        };
         if let Err(e) = write_atomically(&self.path, text.as_bytes()) {
             tracing::warn!(path = %self.path.display(), error = %e, "cannot write status");
         }
-        let mut board = self.board.lock().unwrap_or_else(|e| e.into_inner());
-        board.dirty = false;
-        board.last_write = Some(Instant::now());
     }
 }
 
