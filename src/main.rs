@@ -23,7 +23,7 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -49,6 +49,9 @@ enum Command {
     Plugins,
     /// Run the drop-folder daemon on ROOT: photos dropped into ROOT/inbox/ become paintings in ROOT/out/.
     Watch(commands::watch::WatchArgs),
+    /// One attempt at a drop-folder job, in a worker process `easel watch` starts.
+    #[command(hide = true)]
+    Job(commands::job::JobArgs),
 }
 
 fn init_logging(format: LogFormat, verbose: u8) {
@@ -91,7 +94,19 @@ fn main() -> ExitCode {
         Command::Weights(cmd) => commands::weights::weights(cmd),
         Command::Config(cmd) => commands::config::config(cmd, &registry),
         Command::Plugins => commands::config::plugins(&registry),
-        Command::Watch(args) => commands::watch::watch(args, &registry),
+        Command::Watch(args) => {
+            // A job's worker logs as this process does, into the same stream.
+            let mut worker_args = Vec::new();
+            if cli.log_format == LogFormat::Json {
+                worker_args.extend(["--log-format".into(), "json".into()]);
+            }
+            worker_args.extend((0..cli.verbose).map(|_| "-v".into()));
+            if let Some(n) = cli.threads {
+                worker_args.extend(["--threads".into(), n.to_string().into()]);
+            }
+            commands::watch::watch(args, worker_args, &registry)
+        }
+        Command::Job(args) => commands::job::job(args, &registry),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

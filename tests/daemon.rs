@@ -184,8 +184,15 @@ fn kill_9_resumes_from_the_checkpoint_bit_identically_with_adam() {
     daemon.until(LONG, "a checkpoint at iteration 6 or later", || {
         job_checkpoint(&root).is_some_and(|(_, d)| d >= 6)
     });
+    let worker = root.status().unwrap()["running"][0]["pid"].as_u64().expect("the worker's pid");
     daemon.signal("KILL");
     assert!(!daemon.wait(Duration::from_secs(10)).success());
+    // The worker dies with its supervisor: no orphan goes on writing into the job folder.
+    wait_until(Duration::from_secs(10), "the worker to die with the daemon", || {
+        std::fs::read_to_string(format!("/proc/{worker}/stat")).map_or(true, |stat| {
+            stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        })
+    });
     let (job_dir, at) = job_checkpoint(&root).expect("the checkpoint survives");
     assert!(at < 40, "killed mid-job");
     assert_eq!(std::fs::read_to_string(job_dir.join(".attempts")).unwrap().trim(), "1");
@@ -642,24 +649,177 @@ fn a_really_full_tmpfs_is_waited_out_and_the_job_completes() {
     assert_eq!(with_message(&daemon.events(), "job started").len(), 1, "never restarted nor recomputed");
 }
 
-/// A job whose sidecar asks for 16384 px is failed before it allocates, with the memory it
-/// would need, while a good job beside it (two workers) is painted and the daemon goes on.
+/// A job whose sidecar asks for 16384 px is failed before it allocates (no worker is started
+/// for it), with the memory it would need, while a good job beside it (two workers) is painted
+/// and the daemon goes on.
 #[test]
 fn a_job_too_large_for_memory_fails_with_its_need_and_spares_the_others() {
     let root = TestRoot::new(&config_text(4, "workers = 2"));
+    let mut daemon = root.start(&[]);
     root.drop_file("huge.toml", b"[run]\nsize = 16384\niterations = 1\n");
     root.drop_file("huge.png", &png_bytes(40, 30, 5));
     root.drop_file("small.png", &png_bytes(40, 30, 6));
-    let (status, _) = root.run_once(&[]);
-    assert!(status.success());
-    assert_eq!(root.files("out"), ["small.png"]);
+    daemon.until(LONG, "both jobs to end", || {
+        root.files("out") == ["small.png"] && root.path("failed/huge.png.error.txt").is_file()
+    });
     let reason = std::fs::read_to_string(root.path("failed").join("huge.png.error.txt")).expect("a reason");
     assert!(
         reason.contains("needs about") && reason.contains("MB") && reason.contains("run.size ="),
         "{reason}"
     );
     assert!(root.files("failed").contains(&"huge.toml".to_string()));
-    assert!(root.files("inbox").is_empty() && root.work_dirs().is_empty());
+    daemon.until(LONG, "work/ to empty", || root.work_dirs().is_empty());
+    assert!(root.files("inbox").is_empty());
+    let events = daemon.events();
+    assert_eq!(starts_by_name(&events).get("huge.png"), None, "refused before a worker ran it");
+    assert_eq!(root.status().unwrap()["state"], "running", "the daemon goes on");
+    daemon.signal("TERM");
+    assert!(daemon.wait(Duration::from_secs(30)).success());
+}
+
+/// The running entry of the job named `name` in status.json.
+fn running_entry(root: &TestRoot, name: &str) -> Option<serde_json::Value> {
+    let status = root.status()?;
+    status["running"].as_array()?.iter().find(|r| r["name"] == name).cloned()
+}
+
+/// A worker killed with SIGKILL twice (as the kernel's OOM killer would) fails its own job,
+/// with a reason that names the kills and memory, while a job beside it is painted.
+#[test]
+fn a_worker_killed_twice_fails_only_its_own_job() {
+    let root = TestRoot::new(&config_text(30, "workers = 2"));
+    let mut daemon = root.start(&[]);
+    let log = daemon.log.clone();
+    root.drop_file("victim.toml", b"[run]\niterations = 100000\n");
+    root.drop_file("victim.png", &png_bytes(40, 30, 3));
+    root.drop_file("bystander.png", &png_bytes(40, 30, 4));
+    let mut killed = Vec::new();
+    for round in 1..=2 {
+        let mut pid = None;
+        daemon.until(LONG, &format!("the victim's worker {round} to iterate"), || {
+            let started = starts_by_name(&events_in(&log)).get("victim.png") == Some(&round);
+            pid = running_entry(&root, "victim.png")
+                .filter(|_| started)
+                .filter(|r| r["iteration"].as_u64().is_some_and(|i| i >= 1))
+                .and_then(|r| r["pid"].as_u64())
+                .filter(|p| !killed.contains(p));
+            pid.is_some()
+        });
+        let pid = pid.unwrap();
+        assert_ne!(pid, u64::from(daemon.pid()), "a worker of its own");
+        let status = std::process::Command::new("kill").arg("-KILL").arg(pid.to_string()).status().unwrap();
+        assert!(status.success());
+        killed.push(pid);
+    }
+    daemon.until(LONG, "the victim to be failed and the bystander painted", || {
+        root.path("failed/victim.png.error.txt").is_file()
+            && root.files("out") == ["bystander.png"]
+            && root.files("done") == ["bystander.png"]
+    });
+    let reason = std::fs::read_to_string(root.path("failed/victim.png.error.txt")).unwrap();
+    assert!(
+        reason.contains("killed by signal 9 (SIGKILL) twice")
+            && reason.contains("planned peak")
+            && reason.contains("out of memory?"),
+        "{reason}"
+    );
+    let starts = starts_by_name(&daemon.events());
+    assert_eq!(starts.get("victim.png"), Some(&2), "run twice, not a third time: {starts:?}");
+    assert_eq!(starts.get("bystander.png"), Some(&1), "{starts:?}");
+    assert_eq!(root.status().unwrap()["state"], "running", "the daemon goes on");
+    daemon.signal("TERM");
+    assert!(daemon.wait(Duration::from_secs(30)).success());
+}
+
+/// SIGTERM with two workers running: each writes its checkpoint and exits, the daemon exits 0,
+/// and the next start resumes both to results bit-identical to uninterrupted runs (Adam).
+#[test]
+fn sigterm_with_two_running_workers_checkpoints_both_and_both_resume_bit_identically() {
+    let config = config_text(60, "workers = 2");
+    let drops = [("one.png", png_bytes(40, 32, 11)), ("two.png", png_bytes(32, 40, 12))];
+    let reference = TestRoot::new(&config);
+    for (name, bytes) in &drops {
+        reference.drop_file(name, bytes);
+    }
+    assert!(reference.run_once(&[]).0.success());
+
+    let root = TestRoot::new(&config);
+    let mut daemon = root.start(&[]);
+    for (name, bytes) in &drops {
+        root.drop_file(name, bytes);
+    }
+    daemon.until(LONG, "both workers to be a few iterations in", || {
+        drops.iter().all(|(name, _)| {
+            running_entry(&root, name).is_some_and(|r| r["iteration"].as_u64().is_some_and(|i| i >= 3))
+        })
+    });
+    let pids: Vec<u64> =
+        drops.iter().map(|(name, _)| running_entry(&root, name).unwrap()["pid"].as_u64().unwrap()).collect();
+    assert!(pids[0] != pids[1], "a worker each: {pids:?}");
+    daemon.signal("TERM");
+    assert!(daemon.wait(Duration::from_secs(30)).success());
+    for pid in &pids {
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "worker {pid} exited");
+    }
+    let dirs = root.work_dirs();
+    assert_eq!(dirs.len(), 2);
+    for dir in &dirs {
+        let done = checkpoint_done(&dir.join(".checkpoint.safetensors")).expect("a checkpoint on SIGTERM");
+        assert!((3..60).contains(&done), "{done}");
+        assert_eq!(
+            std::fs::read_to_string(dir.join(".attempts")).unwrap().trim(),
+            "0",
+            "a stop, not a crash"
+        );
+    }
+    assert!(root.files("out").is_empty());
+
+    let (status, events) = root.run_once(&[]);
+    assert!(status.success());
+    let started = with_message(&events, "job started");
+    assert_eq!(started.len(), 2);
+    assert!(started.iter().all(|s| s["resumed_from"].as_u64().is_some_and(|r| r >= 3)), "{started:?}");
+    for (name, _) in &drops {
+        assert!(
+            pixels(&root.path("out").join(name)) == pixels(&reference.path("out").join(name)),
+            "{name}: the resumed result differs from an uninterrupted run"
+        );
+    }
+    assert!(root.work_dirs().is_empty() && root.files("failed").is_empty());
+}
+
+/// A worker whose memory cap (forced low with EASEL_WORKER_CAP_MB) is below what it allocates
+/// ends alone: the job is failed as out of memory after two tries, the daemon goes on.
+#[test]
+fn a_worker_over_its_memory_cap_ends_alone_and_is_reported_out_of_memory() {
+    let root = TestRoot::new(&config_text(4, ""));
+    let cap = std::ffi::OsStr::new("20");
+    let mut daemon = root.start_with_env(&[], &[("EASEL_WORKER_CAP_MB", cap)]);
+    root.drop_file("greedy.png", &png_bytes(40, 30, 2));
+    daemon.until(LONG, "the job to be failed", || root.path("failed/greedy.png.error.txt").is_file());
+    let reason = std::fs::read_to_string(root.path("failed/greedy.png.error.txt")).unwrap();
+    assert!(
+        reason.contains("ran out of memory twice")
+            && reason.contains("memory allocation of")
+            && reason.contains("cap 20 MB: out of memory"),
+        "{reason}"
+    );
+    let events = daemon.events();
+    let crashed = with_message(&events, "the job's worker crashed");
+    assert_eq!(crashed.len(), 2, "{crashed:?}");
+    let mut last = None;
+    let counted = Instant::now();
+    while !last.as_ref().is_some_and(|s: &serde_json::Value| s["this_run"]["failed"] == 1) {
+        assert!(counted.elapsed() < LONG, "status.json does not count the failure: {last:?}");
+        std::thread::sleep(Duration::from_millis(25));
+        last = root.status();
+    }
+    assert_eq!(last.unwrap()["state"], "running", "the daemon goes on");
+    assert!(daemon.child.try_wait().unwrap().is_none(), "the daemon goes on");
+    daemon.until(LONG, "work/ to empty", || root.work_dirs().is_empty());
+    assert!(root.files("out").is_empty());
+    daemon.signal("TERM");
+    assert!(daemon.wait(Duration::from_secs(30)).success());
 }
 
 /// With two workers and a budget that holds one 512 px job but not two, the second waits for

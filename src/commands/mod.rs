@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod config;
 pub mod eval;
+pub mod job;
 pub mod plan;
 pub mod run;
 pub mod watch;

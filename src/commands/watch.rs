@@ -1,11 +1,12 @@
 //! `easel watch ROOT`: the drop-folder daemon (the protocol lives in `easel-daemon`).
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use easel_core::Registry;
-use easel_daemon::{Daemon, DaemonConfig, Root, Signals, WatchOptions};
+use easel_daemon::{Daemon, DaemonConfig, Root, Signals, WatchOptions, WorkerCommand};
 
 use super::resolve_weights;
 
@@ -31,14 +32,21 @@ pub struct WatchArgs {
     pub workers: Option<u32>,
 }
 
-pub fn watch(args: WatchArgs, registry: &Registry) -> Result<()> {
+/// Runs the daemon; each job runs in a worker process of this program, started with
+/// `worker_args` (the global options) before `job`.
+pub fn watch(args: WatchArgs, worker_args: Vec<OsString>, registry: &Registry) -> Result<()> {
     // First, so that a stop asked for during start-up is a clean stop, not a kill.
     let signals = Signals::install()?;
     let root = Root::open(&args.root)?;
     let config = DaemonConfig::load(args.config.as_deref(), &root, registry)?;
     let weights = resolve_weights(args.weights.as_deref(), &config.plan(registry)?)?;
-    let options =
-        WatchOptions { once: args.once, poll_ms: args.poll.filter(|&ms| ms > 0), workers: args.workers };
+    let program = std::env::current_exe().context("finding this program, to start workers with")?;
+    let options = WatchOptions {
+        once: args.once,
+        poll_ms: args.poll.filter(|&ms| ms > 0),
+        workers: args.workers,
+        worker: Some(WorkerCommand { program, args: worker_args }),
+    };
     let daemon = Daemon::new(root, config, &weights, registry, options)
         .with_context(|| format!("opening weights {}", weights.display()))?;
     daemon.run(&signals)?;

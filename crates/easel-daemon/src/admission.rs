@@ -1,5 +1,9 @@
 //! Admission by memory: jobs run side by side only while their predicted needs fit the budget
 //! together, so a big job waits for the others to end instead of running beside them.
+//!
+//! Each job runs in a worker process of its own (see [`crate::worker`]), which maps the
+//! weights, builds its model and fills its kernel cache itself: nothing of a job's prediction
+//! is shared with another's, so the running jobs' whole peaks are added up.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -15,13 +19,12 @@ pub struct Admission {
     next: AtomicU64,
 }
 
-/// What one admitted job holds: the parts jobs share (runtime, weights, kernel cache: counted
-/// once, the largest) and its own.
+/// What one admitted job's worker holds at its peak (its runtime, weights and kernel cache
+/// included).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Need {
     id: u64,
-    shared: u64,
-    own: u64,
+    bytes: u64,
 }
 
 /// An admitted job's place; dropping it lets waiting jobs in.
@@ -59,9 +62,8 @@ impl Admission {
     /// Whether `need` fits beside `running`: always when nothing runs (a job was planned to fit
     /// the budget alone).
     fn fits(&self, running: &[Need], need: &Need) -> bool {
-        let shared = running.iter().map(|n| n.shared).max().unwrap_or(0).max(need.shared);
-        let own: u64 = running.iter().map(|n| n.own).sum();
-        running.is_empty() || shared + own + need.own <= self.budget
+        let held: u64 = running.iter().map(|n| n.bytes).sum();
+        running.is_empty() || held.saturating_add(need.bytes) <= self.budget
     }
 
     /// Waits until the job planned as `memory` fits beside the running ones, then admits it;
@@ -73,8 +75,7 @@ impl Admission {
         waiting: impl FnOnce(),
     ) -> Option<Ticket<'_>> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let need =
-            Need { id, shared: memory.shared_bytes(), own: memory.peak_bytes() - memory.shared_bytes() };
+        let need = Need { id, bytes: memory.peak_bytes() };
         let mut running = self.lock();
         let mut waiting = Some(waiting);
         while !self.fits(&running, &need) {
@@ -113,20 +114,23 @@ mod tests {
         let admission = Admission::new(100);
         let stop = AtomicBool::new(false);
         let never = || panic!("no wait expected");
-        let a = admission.admit(&plan(40, 30), &stop, never).expect("admitted");
-        // 40 shared once + 30 + 30 = 100: fits.
-        let b = admission.admit(&plan(40, 30), &stop, never).expect("admitted");
+        let a = admission.admit(&plan(20, 30), &stop, never).expect("admitted");
+        // Each worker holds its own weights: (20 + 30) + (20 + 30) = 100 fits.
+        let b = admission.admit(&plan(20, 30), &stop, never).expect("admitted");
         let waited = AtomicBool::new(false);
         std::thread::scope(|s| {
             let c = s.spawn(|| {
-                let ticket = admission.admit(&plan(40, 50), &stop, || waited.store(true, Ordering::SeqCst));
+                let ticket = admission.admit(&plan(20, 40), &stop, || waited.store(true, Ordering::SeqCst));
                 ticket.is_some()
             });
             std::thread::sleep(Duration::from_millis(300));
-            assert!(!c.is_finished(), "40 + 30 + 30 + 50 > 100: the third waits");
+            assert!(!c.is_finished(), "50 + 50 + 60 > 100: the third waits");
             drop(a);
             std::thread::sleep(Duration::from_millis(300));
-            assert!(!c.is_finished(), "40 + 30 + 50 > 100: still waits");
+            assert!(
+                !c.is_finished(),
+                "50 + 60 > 100, though the weights counted once would fit: still waits"
+            );
             drop(b);
             assert!(c.join().unwrap(), "alone it runs");
         });

@@ -78,7 +78,7 @@ fn open_lock(dir: &Path) -> std::io::Result<File> {
 }
 
 /// The image and sidecar in a job folder (names without a leading dot).
-fn inputs_of(dir: &Path) -> std::io::Result<(Option<OsString>, Option<OsString>)> {
+pub(crate) fn inputs_of(dir: &Path) -> std::io::Result<(Option<OsString>, Option<OsString>)> {
     let (mut image, mut sidecar) = (None, None);
     for entry in std::fs::read_dir(dir)? {
         let name = entry?.file_name();

@@ -45,6 +45,18 @@ pub struct WatchOptions {
     pub poll_ms: Option<u64>,
     /// Jobs at once (overrides `daemon.workers`).
     pub workers: Option<u32>,
+    /// How to start a job's worker process; `None`: this program (`std::env::current_exe`),
+    /// with no arguments before `job`.
+    pub worker: Option<WorkerCommand>,
+}
+
+/// How the daemon starts a worker: `PROGRAM ARGS... job DIR --weights FILE --weights-sha256 HEX
+/// --budget-bytes N`, where PROGRAM is an easel binary (its hidden `job` subcommand calls
+/// [`crate::run_worker`]) and ARGS its global options (the log format, say).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerCommand {
+    pub program: PathBuf,
+    pub args: Vec<std::ffi::OsString>,
 }
 
 impl WatchOptions {
@@ -157,6 +169,7 @@ pub struct Daemon<'r> {
     root: Root,
     registry: &'r Registry,
     config: DaemonConfig,
+    /// The weights file, checked (and hashed, once) here; each worker maps it for itself.
     weights: WeightsFile,
     options: WatchOptions,
 }
@@ -454,8 +467,8 @@ impl Control<'_, '_> {
 }
 
 impl<'r> Daemon<'r> {
-    /// A daemon on `root` with `config`; the weights at `weights` are mapped once here and
-    /// shared by every job.
+    /// A daemon on `root` with `config`; the weights at `weights` are checked here, and hashed
+    /// once for the results' provenance (each job's worker maps them for itself).
     pub fn new(
         root: Root,
         config: DaemonConfig,
@@ -504,7 +517,16 @@ impl<'r> Daemon<'r> {
             Some(faulty) => Arc::new(faulty),
             None => Arc::new(RealFs),
         };
-        let shared = Shared::new(self.root, self.registry, self.weights, self.config, board, fs, signals);
+        let command = match &self.options.worker {
+            Some(worker) => worker.clone(),
+            None => WorkerCommand {
+                program: std::env::current_exe()
+                    .map_err(|source| DaemonError::Io { path: PathBuf::from("(this program)"), source })?,
+                args: Vec::new(),
+            },
+        };
+        let shared =
+            Shared::new(self.root, self.registry, self.weights, command, self.config, board, fs, signals);
         let (job_tx, job_rx) = crossbeam_channel::bounded::<ClaimedJob>(workers);
         let (report_tx, report_rx) = crossbeam_channel::unbounded();
         let mut control = Control {

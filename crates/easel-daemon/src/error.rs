@@ -54,4 +54,10 @@ pub enum JobError {
     Crashed(u32),
     #[error("internal error (panic): {0}")]
     Panic(String),
+    /// A job error its worker process reported, as it worded it.
+    #[error("{0}")]
+    Worker(String),
+    /// Its worker processes crashed [`crate::journal::MAX_CRASHES`] times.
+    #[error("{how}; planned peak {peak_mb} MB, cap {cap_mb} MB: {verdict}")]
+    WorkerCrashed { how: String, peak_mb: u64, cap_mb: u64, verdict: &'static str },
 }

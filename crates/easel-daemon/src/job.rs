@@ -1,20 +1,22 @@
-//! One claimed job on a worker: its plan, the engine run with checkpoints, and its result or failure.
+//! One claimed job, supervised: its plan and admission here, its computation in a worker
+//! process ([`crate::worker`]), then its result or failure.
 //!
 //! A job's end is decided first and recorded in `.outcome.json` (which files go where), then
 //! carried out with moves that never replace a file and are safe to repeat, so a crash at
 //! any point leaves a job that the next start finishes without running it again.
 
 use std::ffi::{OsStr, OsString};
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use easel_config::{ConfigLayers, OutputFormat, Plan};
+use easel_config::{ConfigLayers, Plan};
 use easel_core::Registry;
-use easel_engine::{load_image, memory, save_image, Checkpoint, ModelSpec, StyleRun};
-use easel_vgg::{Vgg19, WeightsFile};
+use easel_engine::memory::{self, MemoryPlan};
+use easel_vgg::WeightsFile;
 use serde_json::{json, Value};
 
 use crate::admission::Admission;
@@ -25,24 +27,31 @@ use crate::fsops::{is_out_of_space, move_no_clobber, write_durably, Fs, Moved};
 use crate::journal::{crashed_attempts, RunningAttempts, MAX_CRASHES};
 use crate::names::{lossy, numbered_fit, stem, with_extension};
 use crate::status::{JobEnd, StatusBoard};
-use crate::{JobError, Signals};
+use crate::worker::{memory_cap, plan_memory, Finished, Report, WorkerEnd};
+use crate::{JobError, Signals, WorkerCommand};
 
-const PLAN: &str = ".plan.toml";
-const CHECKPOINT: &str = ".checkpoint.safetensors";
+pub(crate) const PLAN: &str = ".plan.toml";
+pub(crate) const CHECKPOINT: &str = ".checkpoint.safetensors";
 const ERROR: &str = ".error.txt";
-const RESULT: &str = ".result";
-const PROVENANCE: &str = ".result.json";
+pub(crate) const RESULT: &str = ".result";
+pub(crate) const PROVENANCE: &str = ".result.json";
+/// How often a supervisor looks at the stop flag while its worker runs.
+const STOP_CHECK: Duration = Duration::from_millis(100);
 /// The first wait before a step that failed on a full disk is retried; it doubles up to
 /// [`SPACE_MAX_WAIT`].
 const SPACE_FIRST_WAIT: Duration = Duration::from_millis(500);
 const SPACE_MAX_WAIT: Duration = Duration::from_secs(30);
 
-/// What every worker shares: the root, the plugins, the weights (mapped once), the current
-/// daemon config, the stop flag, the status board, the filesystem calls and the running attempts.
+/// What every supervising thread shares: the root, the plugins, the weights file, how to start
+/// a worker, the current daemon config, the stop flag, the status board, the filesystem calls,
+/// the running attempts and the memory budget.
 pub(crate) struct Shared<'r> {
     pub root: Root,
     pub registry: &'r Registry,
+    /// The weights file, which each worker maps for itself; its hash is computed once, here,
+    /// for the results' provenance.
     pub weights: WeightsFile,
+    pub worker: WorkerCommand,
     pub config: Mutex<Arc<DaemonConfig>>,
     pub stop: Arc<AtomicBool>,
     pub board: StatusBoard,
@@ -50,15 +59,15 @@ pub(crate) struct Shared<'r> {
     pub running: Arc<RunningAttempts>,
     /// Jobs run side by side only while their predicted memory fits the budget together.
     pub admission: Admission,
-    /// Models already built from the weights, by depth and conventions; clones share tensors.
-    vggs: Mutex<Vec<(ModelSpec, Vgg19)>>,
 }
 
 impl<'r> Shared<'r> {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         root: Root,
         registry: &'r Registry,
         weights: WeightsFile,
+        worker: WorkerCommand,
         config: DaemonConfig,
         board: StatusBoard,
         fs: Arc<dyn Fs>,
@@ -71,13 +80,13 @@ impl<'r> Shared<'r> {
             root,
             registry,
             weights,
+            worker,
             config: Mutex::new(Arc::new(config)),
             stop: signals.stop_flag(),
             board,
             fs,
             running: signals.running_attempts(),
             admission: Admission::new(budget),
-            vggs: Mutex::new(Vec::new()),
         }
     }
 
@@ -86,39 +95,26 @@ impl<'r> Shared<'r> {
         Arc::clone(&self.config.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    fn vgg_for(&self, plan: &Plan) -> Result<Vgg19, JobError> {
-        let spec = ModelSpec::of(plan);
-        let mut cache = self.vggs.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, vgg)) = cache.iter().find(|(s, _)| *s == spec) {
-            return Ok(vgg.clone());
-        }
-        let vgg = spec.load(&self.weights)?;
-        cache.push((spec, vgg.clone()));
-        Ok(vgg)
+    fn space_wait<'a>(&'a self, job: &'a ClaimedJob) -> SpaceWait<'a> {
+        SpaceWait { stop: &self.stop, job: &job.id }
     }
 }
 
-/// The files a finished attempt left in the job folder.
-struct Finished {
-    extension: &'static str,
-    provenance_file: bool,
+/// What waiting for disk space needs: the flag that ends the wait, and the job's id for the log.
+pub(crate) struct SpaceWait<'a> {
+    pub stop: &'a AtomicBool,
+    pub job: &'a str,
 }
 
-enum Attempt {
-    Finished(Finished),
-    Interrupted,
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> JobError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> JobError + '_ {
     move |source| JobError::Io { path: path.to_path_buf(), source }
 }
 
 /// Runs `op` until it no longer fails for lack of disk space (`is_full`), waiting longer each
 /// time: space may come back at any moment (a user deletes files), and a full disk is no fault
 /// of the job. `Ok(None)` when a stop came while waiting.
-fn until_space<T, E: std::fmt::Display>(
-    shared: &Shared<'_>,
-    job: &ClaimedJob,
+pub(crate) fn until_space<T, E: std::fmt::Display>(
+    wait_for: &SpaceWait<'_>,
     what: &str,
     is_full: impl Fn(&E) -> bool,
     mut op: impl FnMut() -> Result<T, E>,
@@ -127,10 +123,10 @@ fn until_space<T, E: std::fmt::Display>(
     loop {
         match op() {
             Err(e) if is_full(&e) => {
-                tracing::warn!(job = %job.id, step = what, error = %e, retry_in_s = wait.as_secs_f64(), "waiting for disk space");
+                tracing::warn!(job = %wait_for.job, step = what, error = %e, retry_in_s = wait.as_secs_f64(), "waiting for disk space");
                 let until = Instant::now() + wait;
                 while Instant::now() < until {
-                    if shared.stop.load(Ordering::SeqCst) {
+                    if wait_for.stop.load(Ordering::SeqCst) {
                         return Ok(None);
                     }
                     std::thread::sleep((until - Instant::now()).min(Duration::from_millis(100)));
@@ -146,7 +142,7 @@ fn until_space<T, E: std::fmt::Display>(
 fn write_waiting(shared: &Shared<'_>, job: &ClaimedJob, path: &Path, bytes: &[u8]) -> Result<(), JobError> {
     let fs = shared.fs.as_ref();
     let what = path.file_name().map(lossy).unwrap_or_default();
-    until_space(shared, job, &what, is_out_of_space, || write_durably(fs, path, bytes))
+    until_space(&shared.space_wait(job), &what, is_out_of_space, || write_durably(fs, path, bytes))
         .map_err(io(path))?
         .ok_or(JobError::StoppedWaitingForSpace)
 }
@@ -171,185 +167,6 @@ fn job_plan(shared: &Shared<'_>, job: &ClaimedJob, config: &DaemonConfig) -> Res
         .map_err(|e| io(&frozen)(std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())))?;
     write_waiting(shared, job, &frozen, text.as_bytes())?;
     Ok(plan)
-}
-
-struct Prepared {
-    plan: Plan,
-    vgg: Vgg19,
-    content: easel_engine::RgbImage,
-    styles: Vec<(easel_engine::RgbImage, f64)>,
-}
-
-fn prepare(
-    shared: &Shared<'_>,
-    job: &ClaimedJob,
-    image: &OsStr,
-    config: &DaemonConfig,
-) -> Result<Prepared, JobError> {
-    let plan = job_plan(shared, job, config)?;
-    let content_path = job.dir.join(image);
-    shared.root.check_link(&content_path, &lossy(image))?;
-    let content = load_image(&content_path, &plan.limits).map_err(|e| match e {
-        // The job folder is an implementation detail; the user knows the file by its name.
-        easel_engine::EngineError::Image { reason, .. } => {
-            JobError::Engine(easel_engine::EngineError::Image { path: PathBuf::from(image), reason })
-        }
-        other => JobError::Engine(other),
-    })?;
-    let mut styles = Vec::with_capacity(plan.styles.len());
-    for spec in &plan.styles {
-        styles.push((load_image(&spec.path, &plan.limits)?, spec.weight));
-    }
-    let vgg = shared.vgg_for(&plan)?;
-    Ok(Prepared { plan, vgg, content, styles })
-}
-
-fn provenance(
-    shared: &Shared<'_>,
-    job: &ClaimedJob,
-    image: &OsStr,
-    plan: &Plan,
-) -> Result<Vec<(&'static str, String)>, JobError> {
-    let version = env!("CARGO_PKG_VERSION");
-    Ok(vec![
-        ("Software", format!("easel {version}")),
-        ("easel:version", version.to_string()),
-        ("easel:source", lossy(image)),
-        ("easel:job", job.id.clone()),
-        ("easel:seed", plan.run.seed.to_string()),
-        ("easel:weights-sha256", shared.weights.sha256()?.to_string()),
-        ("easel:config", toml::to_string(&plan.merged).unwrap_or_default()),
-    ])
-}
-
-/// Writes the run's checkpoint durably through the daemon's filesystem calls (temp file
-/// synced, renamed, folder synced), as every other file of the job.
-fn write_checkpoint(shared: &Shared<'_>, run: &StyleRun, path: &Path) -> Result<(), JobError> {
-    let bytes = run.checkpoint().to_bytes()?;
-    write_durably(shared.fs.as_ref(), path, &bytes).map_err(io(path))
-}
-
-/// Runs (or resumes) the job to its end or to a stop; the result is left in the job folder.
-fn attempt(
-    shared: &Shared<'_>,
-    job: &ClaimedJob,
-    image: &OsStr,
-    config: &DaemonConfig,
-) -> Result<Attempt, JobError> {
-    let checkpoint_path = job.dir.join(CHECKPOINT);
-    let mut prepared = prepare(shared, job, image, config)?;
-    let budget = shared.admission.budget();
-    prepared.plan.limits.memory_mb = budget >> 20;
-    let spec = ModelSpec::of(&prepared.plan);
-    let styles: Vec<(u32, u32)> = prepared.styles.iter().map(|(image, _)| image.dimensions()).collect();
-    let memory = memory::fit(&mut prepared.plan, &spec, prepared.content.dimensions(), &styles, budget)?;
-    let waiting = || {
-        let need_mb = memory.peak_bytes() >> 20;
-        tracing::info!(job = %job.id, need_mb, "waiting for memory: running jobs hold the rest of the budget");
-    };
-    let Some(_admitted) = shared.admission.admit(&memory, &shared.stop, waiting) else {
-        return Ok(Attempt::Interrupted);
-    };
-    let mut run = match checkpoint_path.exists() {
-        false => StyleRun::new(prepared.plan, prepared.vgg, prepared.content, prepared.styles)?,
-        true => {
-            let resumed = Checkpoint::read(&checkpoint_path, prepared.vgg.device()).and_then(|checkpoint| {
-                StyleRun::resume(prepared.plan, prepared.vgg, prepared.content, prepared.styles, checkpoint)
-            });
-            match resumed {
-                Ok(run) => run,
-                Err(e) => {
-                    tracing::warn!(job = %job.id, error = %e, "checkpoint unusable; starting the job over");
-                    let _ = std::fs::remove_file(&checkpoint_path);
-                    let mut p = prepare(shared, job, image, config)?;
-                    p.plan.limits.memory_mb = budget >> 20;
-                    StyleRun::new(p.plan, p.vgg, p.content, p.styles)?
-                }
-            }
-        }
-    };
-    let resumed_from = run.iterations_done();
-    shared.board.resumed(&job.id, resumed_from, run.total_iterations());
-    shared.board.device(&job.id, easel_engine::device_name(run.vgg().device()));
-    tracing::info!(
-        job = %job.id,
-        name = %lossy(image),
-        resumed_from,
-        total = run.total_iterations(),
-        "job started"
-    );
-    let every = run.plan().daemon.checkpoint_every;
-    let started = Instant::now();
-    let mut ran = 0u32;
-    loop {
-        if shared.stop.load(Ordering::SeqCst) {
-            match write_checkpoint(shared, &run, &checkpoint_path) {
-                Ok(()) => {
-                    tracing::info!(job = %job.id, iteration = run.iterations_done(), "stopping: checkpoint written")
-                }
-                // The previous checkpoint (if any) still holds; the job resumes from there.
-                Err(e) => tracing::error!(job = %job.id, error = %e, "stopping: cannot write checkpoint"),
-            }
-            return Ok(Attempt::Interrupted);
-        }
-        let Some(p) = run.step()? else { break };
-        ran += 1;
-        shared.board.progress(&job.id, &p);
-        tracing::debug!(job = %job.id, iteration = p.done, total = p.total, loss = p.loss, "iteration");
-        if every > 0 && p.done % every == 0 && !run.is_finished() {
-            // A full disk costs resumability, not the job.
-            match write_checkpoint(shared, &run, &checkpoint_path) {
-                Ok(()) => tracing::debug!(job = %job.id, iteration = p.done, "checkpoint written"),
-                Err(e) => tracing::warn!(job = %job.id, error = %e, "cannot write checkpoint"),
-            }
-        }
-    }
-    let plan = run.plan();
-    let format = plan.output.format;
-    let extension = format.extension();
-    let mut text = provenance(shared, job, image, plan)?;
-    text.push((
-        "easel:memory",
-        json!({
-            "peak_mb_predicted": memory.peak_bytes() >> 20,
-            "budget_mb": memory.budget_bytes >> 20,
-            "adjustments": memory.adjustments.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        })
-        .to_string(),
-    ));
-    let result = job.dir.join(format!("{RESULT}.{extension}"));
-    let chunks: Vec<(&str, String)> = text.iter().map(|(k, v)| (*k, v.clone())).collect();
-    let painted = run.result()?;
-    let full = |e: &easel_engine::EngineError| matches!(e, easel_engine::EngineError::Write { source, .. } if is_out_of_space(source));
-    let saved = until_space(shared, job, "result", full, || {
-        save_image(&painted, &result, format, plan.output.jpeg_quality, &chunks)
-    })?;
-    if saved.is_none() {
-        // Stopped while the disk was full: the finished run is kept, if there is room for it.
-        if let Err(e) = write_checkpoint(shared, &run, &checkpoint_path) {
-            tracing::error!(job = %job.id, error = %e, "stopping: cannot write checkpoint");
-        }
-        return Ok(Attempt::Interrupted);
-    }
-    let provenance_file = format != OutputFormat::Png;
-    if provenance_file {
-        // JPEG has no text chunks easel writes; the provenance goes beside the result.
-        let map: serde_json::Map<String, Value> = text
-            .into_iter()
-            .map(|(k, v)| (k.trim_start_matches("easel:").to_string(), Value::String(v)))
-            .collect();
-        let path = job.dir.join(PROVENANCE);
-        write_waiting(shared, job, &path, format!("{:#}\n", Value::Object(map)).as_bytes())?;
-    }
-    tracing::info!(
-        job = %job.id,
-        name = %lossy(image),
-        iterations = ran,
-        resumed_from,
-        seconds = started.elapsed().as_secs_f64(),
-        "job computed"
-    );
-    Ok(Attempt::Finished(Finished { extension, provenance_file }))
 }
 
 /// A file name as JSON: a string when it is UTF-8, else its bytes.
@@ -450,7 +267,7 @@ fn follower_in(dir: &str, provenance_file: bool) -> &'static str {
 const ERROR_SUFFIX: &str = ".error.txt";
 
 fn success_outcome(shared: &Shared<'_>, job: &ClaimedJob, image: &OsStr, finished: &Finished) -> Outcome {
-    let result_name = with_extension(&stem(image), finished.extension);
+    let result_name = with_extension(&stem(image), &finished.extension);
     let follower = follower_in("out", finished.provenance_file);
     let output_for = |n| numbered_fit(&[(&result_name, follower)], n).remove(0);
     let out = folder(&shared.root, "out");
@@ -513,9 +330,10 @@ fn carry_out(shared: &Shared<'_>, job: &ClaimedJob, mut outcome: Outcome) -> Res
             let dir_path = folder(&shared.root, dir);
             let dst = dir_path.join(name);
             let from = job.dir.join(src);
-            let moved =
-                until_space(shared, job, "move", is_out_of_space, || move_no_clobber(fs, &from, &dst))
-                    .map_err(io(&dst))?;
+            let moved = until_space(&shared.space_wait(job), "move", is_out_of_space, || {
+                move_no_clobber(fs, &from, &dst)
+            })
+            .map_err(io(&dst))?;
             match moved {
                 None => return Ok(JobEnd::Interrupted),
                 Some(Moved::Done) => break,
@@ -595,7 +413,7 @@ fn fail(shared: &Shared<'_>, job: &ClaimedJob, error: &JobError) -> Result<JobEn
     Ok(end)
 }
 
-fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+pub(crate) fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
     panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
@@ -603,8 +421,227 @@ fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
+/// How a worker process ended without reporting an end: killed by a signal, or exited
+/// with a failure status (an aborted allocation among them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Crash {
+    signal: Option<i32>,
+    code: Option<i32>,
+    /// The allocator's "memory allocation of N bytes failed", if the worker said it.
+    allocation: Option<String>,
+}
+
+/// The usual name of a signal a worker may die of.
+fn signal_name(signal: i32) -> Option<&'static str> {
+    Some(match signal {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        4 => "SIGILL",
+        6 => "SIGABRT",
+        7 => "SIGBUS",
+        8 => "SIGFPE",
+        9 => "SIGKILL",
+        11 => "SIGSEGV",
+        15 => "SIGTERM",
+        _ => return None,
+    })
+}
+
+impl Crash {
+    fn of(status: ExitStatus, allocation: Option<String>) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        Self { signal: status.signal(), code: status.code(), allocation }
+    }
+
+    /// What happened, for the log: "the worker was killed by signal 9 (SIGKILL)".
+    fn describe(&self) -> String {
+        match &self.allocation {
+            Some(line) => format!("{} ({line})", self.kind()),
+            None => self.kind(),
+        }
+    }
+
+    /// What happened, without the particulars that differ from one crash to the next (the
+    /// size of the allocation that failed).
+    fn kind(&self) -> String {
+        if self.allocation.is_some() {
+            return "the worker ran out of memory".to_string();
+        }
+        match (self.signal, self.code) {
+            (Some(signal), _) => match signal_name(signal) {
+                Some(name) => format!("the worker was killed by signal {signal} ({name})"),
+                None => format!("the worker was killed by signal {signal}"),
+            },
+            (None, Some(code)) => format!("the worker exited with status {code} without a result"),
+            (None, None) => "the worker ended without a result".to_string(),
+        }
+    }
+}
+
+/// Why a job whose workers crashed `crashes` times in all (`seen` of them under this daemon,
+/// the last last) is failed: what happened, and the plan's figures when memory is the likely
+/// cause.
+fn crash_error(crashes: u32, seen: &[Crash], memory: &MemoryPlan) -> JobError {
+    let Some(last) = seen.last() else { return JobError::Crashed(crashes) };
+    let times = match crashes {
+        1 => "once".to_string(),
+        2 => "twice".to_string(),
+        n => format!("{n} times"),
+    };
+    let mut how = if seen.len() as u32 == crashes && seen.iter().all(|c| c.kind() == last.kind()) {
+        format!("{} {times}", last.kind())
+    } else {
+        format!("{} (the last of {crashes} crashes)", last.kind())
+    };
+    if let Some(line) = &last.allocation {
+        how.push_str(&format!(" (the last time: {line})"));
+    }
+    // A kill nobody asked for is most often the kernel's OOM killer; a signal a program
+    // raises itself (a fault) is not.
+    let verdict = match (&last.allocation, last.signal) {
+        (Some(_), _) => "out of memory",
+        (None, Some(9)) => "out of memory?",
+        _ => "not retried",
+    };
+    JobError::WorkerCrashed {
+        how,
+        peak_mb: memory.peak_bytes() >> 20,
+        cap_mb: memory_cap(memory) >> 20,
+        verdict,
+    }
+}
+
+/// Plans the job for admission: its frozen plan, and its memory from the images' headers (no
+/// pixel is decoded here).
+fn plan_job(
+    shared: &Shared<'_>,
+    job: &ClaimedJob,
+    image: &OsStr,
+    config: &DaemonConfig,
+) -> Result<MemoryPlan, JobError> {
+    let mut plan = job_plan(shared, job, config)?;
+    let content_path = job.dir.join(image);
+    shared.root.check_link(&content_path, &lossy(image))?;
+    plan_memory(&mut plan, &content_path, image, shared.admission.budget())
+}
+
+/// Starts a worker on the job and follows it to its end: its reports go to the status board,
+/// a stop is passed on to it as SIGTERM. `Ok(Err(crash))` when it ended without a report.
+fn supervise(shared: &Shared<'_>, job: &ClaimedJob) -> Result<Result<WorkerEnd, Crash>, JobError> {
+    let program = &shared.worker.program;
+    let mut child = Command::new(program)
+        .args(&shared.worker.args)
+        .arg("job")
+        .arg(&job.dir)
+        .arg("--weights")
+        .arg(shared.weights.path())
+        .arg("--weights-sha256")
+        .arg(shared.weights.sha256()?)
+        .arg("--budget-bytes")
+        .arg(shared.admission.budget().to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(io(program))?;
+    let pid = child.id();
+    // Held open until the worker is reaped: its end of file tells the worker we are gone.
+    let _alive = child.stdin.take();
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    shared.board.worker(&job.id, pid);
+    tracing::debug!(job = %job.id, pid, "worker started");
+    let (reports_tx, reports) = crossbeam_channel::unbounded();
+    let read_reports = move || {
+        let Some(stdout) = stdout else { return };
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            match Report::parse(&line) {
+                Some(report) => {
+                    if reports_tx.send(report).is_err() {
+                        break;
+                    }
+                }
+                None => tracing::warn!(pid, line, "unexpected output from a worker"),
+            }
+        }
+    };
+    // The worker's log joins the daemon's; the allocator's last words are kept for the reason.
+    let pass_log_on = move || -> Option<String> {
+        let mut allocation = None;
+        let Some(stderr) = stderr else { return allocation };
+        let mut stderr = BufReader::new(stderr);
+        let mut line = Vec::new();
+        while stderr.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+            let text = String::from_utf8_lossy(&line);
+            // What Rust's allocation-failure handler prints before it aborts.
+            if text.starts_with("memory allocation of") {
+                allocation = Some(text.trim_end().to_string());
+            }
+            let _ = std::io::stderr().lock().write_all(&line);
+            line.clear();
+        }
+        allocation
+    };
+    let threads = std::thread::Builder::new()
+        .name(format!("easel-reports-{pid}"))
+        .spawn(read_reports)
+        .and_then(|reader| {
+            let log = std::thread::Builder::new().name(format!("easel-log-{pid}")).spawn(pass_log_on)?;
+            Ok((reader, log))
+        });
+    let (reader, log) = match threads {
+        Ok(threads) => threads,
+        Err(e) => {
+            // Unsupervised, the worker would run blind: end it (the attempt is no crash).
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(io(program)(e));
+        }
+    };
+    let mut end = None;
+    let mut forwarded = false;
+    loop {
+        match reports.recv_timeout(STOP_CHECK) {
+            Ok(Report::Started { resumed_from, total, device }) => {
+                shared.board.resumed(&job.id, resumed_from, total);
+                shared.board.device(&job.id, device);
+            }
+            Ok(Report::Progress { done, total, scale, scales, loss }) => {
+                shared.board.progress_at(&job.id, done, total, scale, scales, loss)
+            }
+            Ok(Report::End(reported)) => end = Some(reported),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+        }
+        if !forwarded && shared.stop.load(Ordering::SeqCst) {
+            forwarded = true;
+            stop_worker(pid);
+        }
+    }
+    let status = child.wait().map_err(io(program))?;
+    let _ = reader.join();
+    let allocation = log.join().ok().flatten();
+    // A reported end stands even if the worker died after it: its files were written first.
+    Ok(match end {
+        Some(end) => Ok(end),
+        None => Err(Crash::of(status, allocation)),
+    })
+}
+
+/// Asks the worker `pid` to checkpoint and exit, as a SIGTERM to the daemon asks it.
+fn stop_worker(pid: u32) {
+    use rustix::process::{kill_process, Pid, Signal};
+    let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) else { return };
+    // The worker is not reaped yet, so its pid is still its own.
+    if let Err(e) = kill_process(pid, Signal::TERM) {
+        tracing::warn!(pid = pid.as_raw_nonzero().get(), error = %e, "cannot pass the stop on to a worker");
+    }
+}
+
 /// Runs a claimed job to its end: its result in `out/`, a failure in `failed/`, or (on stop) a
-/// checkpoint in its folder. Never panics and never stops the daemon.
+/// checkpoint in its folder. Never panics and never stops the daemon: the job is computed by a
+/// worker process, which is started again after a crash until the job has crashed
+/// [`MAX_CRASHES`] times.
 pub(crate) fn process(shared: &Shared<'_>, job: ClaimedJob) -> JobEnd {
     let ended = (|| -> Result<JobEnd, JobError> {
         let recorded = std::fs::read_to_string(job.dir.join(OUTCOME)).ok();
@@ -626,38 +663,75 @@ pub(crate) fn process(shared: &Shared<'_>, job: ClaimedJob) -> JobEnd {
         if crashes >= MAX_CRASHES {
             return fail(shared, &job, &JobError::Crashed(crashes));
         }
-        let fs = shared.fs.as_ref();
-        let counted = until_space(shared, &job, ".attempts", is_out_of_space, || {
-            shared.running.begin(fs, &job.dir, crashes)
-        })
-        .map_err(io(&job.dir))?;
-        if counted.is_none() {
-            return Ok(JobEnd::Interrupted);
-        }
         let config = shared.config();
-        let end = match catch_unwind(AssertUnwindSafe(|| attempt(shared, &job, &image, &config))) {
-            Ok(Ok(Attempt::Finished(finished))) => succeed(shared, &job, &image, &finished),
-            Ok(Ok(Attempt::Interrupted)) | Ok(Err(JobError::StoppedWaitingForSpace)) => {
-                Ok(JobEnd::Interrupted)
-            }
-            Ok(Err(e)) => fail(shared, &job, &e),
-            Err(panic) => fail(shared, &job, &JobError::Panic(panic_message(panic))),
+        let memory = match plan_job(shared, &job, &image, &config) {
+            Ok(memory) => memory,
+            Err(JobError::StoppedWaitingForSpace) => return Ok(JobEnd::Interrupted),
+            // Refused before anything is allocated, with the need when it is too large.
+            Err(e) => return fail(shared, &job, &e),
         };
-        match end {
-            // A stop is no crash: the attempt is uncounted (a no-op once its outcome is decided).
-            Ok(JobEnd::Interrupted) => {
-                shared.running.end_cleanly(fs, &job.dir).map_err(io(&job.dir))?;
-                Ok(JobEnd::Interrupted)
+        let waiting = || {
+            let need_mb = memory.peak_bytes() >> 20;
+            tracing::info!(job = %job.id, need_mb, "waiting for memory: running jobs hold the rest of the budget");
+        };
+        let Some(_admitted) = shared.admission.admit(&memory, &shared.stop, waiting) else {
+            return Ok(JobEnd::Interrupted);
+        };
+        let fs = shared.fs.as_ref();
+        let mut seen = Vec::new();
+        loop {
+            let crashes = crashed_attempts(&job.dir);
+            if crashes >= MAX_CRASHES {
+                return fail(shared, &job, &crash_error(crashes, &seen, &memory));
             }
-            other => {
-                shared.running.forget(&job.dir);
-                other
+            let counted = until_space(&shared.space_wait(&job), ".attempts", is_out_of_space, || {
+                shared.running.begin(fs, &job.dir, crashes)
+            })
+            .map_err(io(&job.dir))?;
+            if counted.is_none() {
+                return Ok(JobEnd::Interrupted);
             }
+            let worker = match supervise(shared, &job) {
+                Ok(worker) => worker,
+                Err(e) => {
+                    // No worker ran (it could not be started): no crash either.
+                    shared.running.end_cleanly(fs, &job.dir).map_err(io(&job.dir))?;
+                    return Err(e);
+                }
+            };
+            let end = match worker {
+                Ok(WorkerEnd::Finished(finished)) => succeed(shared, &job, &image, &finished),
+                Ok(WorkerEnd::Interrupted) => Ok(JobEnd::Interrupted),
+                Ok(WorkerEnd::Failed(reason)) => fail(shared, &job, &JobError::Worker(reason)),
+                // A worker stopped before its handlers were installed dies of the stop signal
+                // itself: a stop still, not a crash.
+                Err(crash) if shared.stop.load(Ordering::SeqCst) && matches!(crash.signal, Some(2 | 15)) => {
+                    Ok(JobEnd::Interrupted)
+                }
+                Err(crash) => {
+                    // The attempt stays counted; the next turn of the loop tries again or fails it.
+                    shared.running.forget(&job.dir);
+                    tracing::warn!(job = %job.id, reason = crash.describe(), "the job's worker crashed");
+                    seen.push(crash);
+                    if shared.stop.load(Ordering::SeqCst) {
+                        return Ok(JobEnd::Interrupted);
+                    }
+                    continue;
+                }
+            };
+            return match end {
+                // A stop is no crash: the attempt is uncounted (a no-op once its outcome is decided).
+                Ok(JobEnd::Interrupted) => {
+                    shared.running.end_cleanly(fs, &job.dir).map_err(io(&job.dir))?;
+                    Ok(JobEnd::Interrupted)
+                }
+                other => {
+                    shared.running.forget(&job.dir);
+                    other
+                }
+            };
         }
     })();
-    // The run's buffers stay mapped for reuse while it runs (see easel_vgg::alloc); between
-    // jobs a small board gets them back.
-    easel_vgg::alloc::release_free_memory();
     match ended {
         Ok(end) => end,
         Err(e) => {
@@ -665,5 +739,62 @@ pub(crate) fn process(shared: &Shared<'_>, job: ClaimedJob) -> JobEnd {
             tracing::error!(job = %job.id, error = %e, "job could not be finished; it stays in work/");
             JobEnd::Stuck
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use easel_engine::memory::Part;
+
+    fn planned(peak_mb: u64) -> MemoryPlan {
+        MemoryPlan {
+            width: 1,
+            height: 1,
+            parts: vec![Part { name: "evaluation", bytes: peak_mb << 20 }],
+            budget_bytes: u64::MAX,
+            adjustments: Vec::new(),
+        }
+    }
+
+    fn killed(signal: i32) -> Crash {
+        Crash { signal: Some(signal), code: None, allocation: None }
+    }
+
+    fn out_of_memory(bytes: u64) -> Crash {
+        Crash {
+            signal: Some(6),
+            code: None,
+            allocation: Some(format!("memory allocation of {bytes} bytes failed")),
+        }
+    }
+
+    #[test]
+    fn a_job_failed_after_crashes_says_how_its_workers_died_and_names_memory_when_likely() {
+        let memory = planned(100);
+        let cap = memory_cap(&memory) >> 20;
+        let kills = crash_error(2, &[killed(9), killed(9)], &memory).to_string();
+        assert_eq!(
+            kills,
+            format!("the worker was killed by signal 9 (SIGKILL) twice; planned peak 100 MB, cap {cap} MB: out of memory?")
+        );
+        let allocations = crash_error(2, &[out_of_memory(10), out_of_memory(20)], &memory).to_string();
+        assert_eq!(
+            allocations,
+            format!(
+                "the worker ran out of memory twice (the last time: memory allocation of 20 bytes failed); \
+                 planned peak 100 MB, cap {cap} MB: out of memory"
+            )
+        );
+        let mixed = crash_error(2, &[killed(9), killed(11)], &memory).to_string();
+        assert!(
+            mixed.starts_with("the worker was killed by signal 11 (SIGSEGV) (the last of 2 crashes)"),
+            "{mixed}"
+        );
+        assert!(mixed.ends_with("not retried"), "a fault is no memory shortage: {mixed}");
+        let earlier = crash_error(2, &[killed(9)], &memory).to_string();
+        assert!(earlier.contains("(the last of 2 crashes)"), "one crash came before this daemon: {earlier}");
+        let unseen = crash_error(2, &[], &memory).to_string();
+        assert!(unseen.contains("started 2 times"), "crashes of earlier daemons only: {unseen}");
     }
 }

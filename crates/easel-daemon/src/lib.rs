@@ -6,7 +6,8 @@
 //! per-job locks), [`fsops`] (durable writes and moves, behind a trait tests can record or
 //! fail), [`journal`] (persistent attempt counts), [`status`] (`status.json`),
 //! [`config`] (the daemon's config and job sidecars), and [`Daemon`], which runs them with a
-//! watcher, a queue and a pool of workers.
+//! watcher, a queue and a pool of supervising threads, each job computed by a worker process
+//! of its own ([`run_worker`], `easel job`).
 
 mod admission;
 pub mod claim;
@@ -20,11 +21,13 @@ pub mod journal;
 pub mod names;
 pub mod settle;
 pub mod status;
+mod worker;
 
 pub use claim::{claim_job, recover_jobs, ClaimedJob};
 pub use config::DaemonConfig;
-pub use daemon::{Clock, Daemon, Signals, Summary, SystemClock, WatchOptions};
+pub use daemon::{Clock, Daemon, Signals, Summary, SystemClock, WatchOptions, WorkerCommand};
 pub use error::{DaemonError, JobError};
 pub use folders::Root;
 pub use settle::{Intake, ReadyJob, Stat};
 pub use status::{JobEnd, StatusBoard};
+pub use worker::{memory_cap, run_worker, WorkerArgs, CAP_VAR};

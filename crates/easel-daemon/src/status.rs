@@ -23,6 +23,8 @@ struct Running {
     loss: Option<f64>,
     /// Where its tensors live (`cpu`, `cuda:0`, ...), once its model is loaded.
     device: Option<String>,
+    /// The process computing it (see [`crate::worker`]), once started.
+    pid: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -131,6 +133,7 @@ impl StatusBoard {
                 scales: 0,
                 loss: None,
                 device: None,
+                pid: None,
             },
         );
     }
@@ -152,14 +155,27 @@ impl StatusBoard {
         }
     }
 
+    /// The worker process computing the job.
+    pub fn worker(&self, id: &str, pid: u32) {
+        if let Some(r) = self.board().running.get_mut(id) {
+            r.pid = Some(pid);
+        }
+    }
+
     /// Progress of a running job after an iteration.
     pub fn progress(&self, id: &str, p: &easel_engine::Progress) {
+        self.progress_at(id, p.done, p.total, p.scale, p.scales, p.loss);
+    }
+
+    /// [`StatusBoard::progress`] from the values a worker reports: `done` of `total`
+    /// iterations, at scale `scale` (0-based) of `scales`, with `loss`.
+    pub fn progress_at(&self, id: &str, done: u32, total: u32, scale: usize, scales: usize, loss: f64) {
         if let Some(r) = self.board().running.get_mut(id) {
-            r.done = p.done;
-            r.total = p.total;
-            r.scale = p.scale;
-            r.scales = p.scales;
-            r.loss = Some(p.loss);
+            r.done = done;
+            r.total = total;
+            r.scale = scale;
+            r.scales = scales;
+            r.loss = Some(loss);
         }
     }
 
@@ -207,6 +223,10 @@ impl StatusBoard {
     /// The status as JSON.
     pub fn to_json(&self) -> Value {
         let board = self.board.lock().unwrap_or_else(|e| e.into_inner());
+        self.json_of(&board)
+    }
+
+    fn json_of(&self, board: &Board) -> Value {
         let running: Vec<Value> = board
             .running
             .iter()
@@ -224,6 +244,7 @@ impl StatusBoard {
                     "scales": r.scales,
                     "loss": r.loss,
                     "device": r.device,
+                    "pid": r.pid,
                     "resumed_from": r.resumed_from,
                     "elapsed_s": elapsed,
                     "eta_s": eta,
@@ -260,13 +281,18 @@ impl StatusBoard {
 
     /// Rewrites `status.json` now.
     pub fn write_now(&self) {
-        let text = format!("{:#}\n", self.to_json());
+        // The snapshot is taken and the board marked clean at once: a change made while the
+        // file is being written (a job that ends during the fsync) leaves the board dirty for
+        // the next write instead of being lost with the mark.
+        let text = {
+            let mut board = self.board.lock().unwrap_or_else(|e| e.into_inner());
+            board.dirty = false;
+            board.last_write = Some(Instant::now());
+            format!("{:#}\n", self.json_of(&board))
+        };
         if let Err(e) = write_atomically(&self.path, text.as_bytes()) {
             tracing::warn!(path = %self.path.display(), error = %e, "cannot write status");
         }
-        let mut board = self.board.lock().unwrap_or_else(|e| e.into_inner());
-        board.dirty = false;
-        board.last_write = Some(Instant::now());
     }
 }
 
@@ -284,12 +310,14 @@ mod tests {
         board.finished("1", JobEnd::Done);
         board.started("2", "b.jpg");
         board.device("2", "cpu".into());
+        board.worker("2", 4242);
         board.write_now();
         let v: Value =
             serde_json::from_str(&std::fs::read_to_string(dir.path().join("status.json")).unwrap()).unwrap();
         assert_eq!(v["queue"].as_array().unwrap().len(), 0);
         assert_eq!(v["running"][0]["name"], "b.jpg");
         assert_eq!(v["running"][0]["device"], "cpu");
+        assert_eq!(v["running"][0]["pid"], 4242);
         assert_eq!(v["counts"]["done"], 1);
         assert_eq!(v["counts"]["failed"], 0);
     }

@@ -1,5 +1,7 @@
 //! Decoding inputs within limits, tensor conversion, resizing, colour transfer, atomic saving.
 
+use std::fs::File;
+use std::io::BufReader;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
@@ -15,11 +17,12 @@ fn image_error(path: &Path, reason: impl Into<String>) -> EngineError {
     EngineError::Image { path: path.to_path_buf(), reason: reason.into() }
 }
 
-/// Decodes `path` as an RGB image, refusing files and images larger than `limits`.
-///
-/// The format is taken from the file's content, not its name, and the pixel count is
-/// checked from the header before any pixel is decoded.
-pub fn load_image(path: &Path, limits: &Limits) -> Result<RgbImage, EngineError> {
+/// Opens `path` for decoding after the checks that need no pixels: a regular file within
+/// `limits.max_bytes`, in a format easel reads (from its content, not its name).
+fn open_checked(
+    path: &Path,
+    limits: &Limits,
+) -> Result<(ImageReader<BufReader<File>>, image::ImageFormat), EngineError> {
     let meta = std::fs::metadata(path).map_err(|e| image_error(path, e.to_string()))?;
     if !meta.is_file() {
         return Err(image_error(path, "not a regular file"));
@@ -34,22 +37,20 @@ pub fn load_image(path: &Path, limits: &Limits) -> Result<RgbImage, EngineError>
             ),
         ));
     }
-    let open = || -> Result<ImageReader<_>, EngineError> {
-        let reader = ImageReader::open(path).map_err(|e| image_error(path, e.to_string()))?;
-        reader.with_guessed_format().map_err(|e| image_error(path, e.to_string()))
-    };
-    let reader = open()?;
-    let format = match reader.format() {
-        Some(format) => format,
-        None => return Err(image_error(path, "not an image easel can read (PNG or JPEG)")),
-    };
-    if format == image::ImageFormat::Jpeg {
-        // The JPEG decoder pads a cut-off scan with grey and reports success, so a file cut
-        // short in transit would be painted as if it were whole.
-        let bytes = std::fs::read(path).map_err(|e| image_error(path, e.to_string()))?;
-        check_jpeg_complete(&bytes)
-            .map_err(|reason| image_error(path, format!("cannot decode image: {reason}")))?;
+    let reader = ImageReader::open(path).map_err(|e| image_error(path, e.to_string()))?;
+    let reader = reader.with_guessed_format().map_err(|e| image_error(path, e.to_string()))?;
+    match reader.format() {
+        Some(format) => Ok((reader, format)),
+        None => Err(image_error(path, "not an image easel can read (PNG or JPEG)")),
     }
+}
+
+/// Reads `reader`'s size from its header and refuses images over `limits.max_pixels` or empty.
+fn checked_dimensions(
+    path: &Path,
+    reader: ImageReader<BufReader<File>>,
+    limits: &Limits,
+) -> Result<(u32, u32), EngineError> {
     let (w, h) =
         reader.into_dimensions().map_err(|e| image_error(path, format!("cannot decode image: {e}")))?;
     let pixels = w as u64 * h as u64;
@@ -65,7 +66,33 @@ pub fn load_image(path: &Path, limits: &Limits) -> Result<RgbImage, EngineError>
     if w == 0 || h == 0 {
         return Err(image_error(path, "image has no pixels"));
     }
-    let mut reader = open()?;
+    Ok((w, h))
+}
+
+/// The `(width, height)` [`load_image`] would decode from `path`, read from the header with the
+/// same checks and errors, without decoding a pixel: for planning memory before the decode
+/// (the drop-folder daemon's admission). A JPEG cut short after its header passes here and is
+/// refused by [`load_image`], which reads the whole file.
+pub fn image_dimensions(path: &Path, limits: &Limits) -> Result<(u32, u32), EngineError> {
+    let (reader, _) = open_checked(path, limits)?;
+    checked_dimensions(path, reader, limits)
+}
+
+/// Decodes `path` as an RGB image, refusing files and images larger than `limits`.
+///
+/// The format is taken from the file's content, not its name, and the pixel count is
+/// checked from the header before any pixel is decoded.
+pub fn load_image(path: &Path, limits: &Limits) -> Result<RgbImage, EngineError> {
+    let (reader, format) = open_checked(path, limits)?;
+    if format == image::ImageFormat::Jpeg {
+        // The JPEG decoder pads a cut-off scan with grey and reports success, so a file cut
+        // short in transit would be painted as if it were whole.
+        let bytes = std::fs::read(path).map_err(|e| image_error(path, e.to_string()))?;
+        check_jpeg_complete(&bytes)
+            .map_err(|reason| image_error(path, format!("cannot decode image: {reason}")))?;
+    }
+    let (w, h) = checked_dimensions(path, reader, limits)?;
+    let (mut reader, _) = open_checked(path, limits)?;
     let mut decode_limits = image::Limits::default();
     decode_limits.max_image_width = Some(w);
     decode_limits.max_image_height = Some(h);
@@ -297,6 +324,22 @@ mod tests {
         trailing.extend_from_slice(b"\0\0\0\x18ftypmp42 and more bytes \xFF\xD8\xFF");
         let loaded = load_image(&written(dir.path(), "motion.jpg", &trailing), &limits()).expect("trailing");
         assert_eq!(loaded.as_raw(), whole.as_raw());
+    }
+
+    #[test]
+    fn the_header_gives_the_size_load_image_decodes_with_its_checks_and_errors() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let jpeg = written(dir.path(), "photo.jpg", &jpeg_bytes());
+        assert_eq!(image_dimensions(&jpeg, &limits()).expect("size"), (400, 300));
+        assert_eq!(load_image(&jpeg, &limits()).expect("decodes").dimensions(), (400, 300));
+        let small = Limits { max_pixels: 400 * 300 - 1, ..limits() };
+        let (header, decode) = (image_dimensions(&jpeg, &small), load_image(&jpeg, &small));
+        let header = header.expect_err("over max_pixels").to_string();
+        assert_eq!(header, decode.expect_err("over max_pixels").to_string());
+        assert!(header.contains("limits.max_pixels"), "{header}");
+        let text = written(dir.path(), "notes.png", b"not an image");
+        let (header, decode) = (image_dimensions(&text, &limits()), load_image(&text, &limits()));
+        assert_eq!(header.expect_err("no image").to_string(), decode.expect_err("no image").to_string());
     }
 
     #[test]

@@ -14,7 +14,7 @@ pub mod tiles;
 pub use checkpoint::Checkpoint;
 pub use device::{device, device_name};
 pub use error::EngineError;
-pub use image_io::{load_image, save_image, RgbImage};
+pub use image_io::{image_dimensions, load_image, save_image, RgbImage};
 pub use model::ModelSpec;
 pub use objective::{l2_norm, layers_of, LossReport, StyleObjective};
 pub use run::{Progress, StyleRun};
