@@ -1113,7 +1113,7 @@ fn a_budget_too_small_for_the_whole_image_plans_tiles() {
     let v = plan_json(&["--size", "1024", "--optimizer", "adam", "--config", config]);
     assert_eq!((v["fits"].clone(), v["strategy"].clone()), (true.into(), "tiled".into()), "{v}");
     let step = v["tile_size"].as_u64().expect("a tile size");
-    assert!(step % 64 == 0 && step < 1024, "{v}");
+    assert!(step.is_multiple_of(64) && step < 1024, "{v}");
     assert!(v["peak_rss_mb"].as_f64().expect("peak") <= 600.0, "{v}");
 }
 

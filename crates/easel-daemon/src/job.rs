@@ -754,6 +754,8 @@ mod tests {
             parts: vec![Part { name: "evaluation", bytes: peak_mb << 20 }],
             budget_bytes: u64::MAX,
             adjustments: Vec::new(),
+            tile_size: None,
+            evaluation_bytes: peak_mb << 20,
         }
     }
 

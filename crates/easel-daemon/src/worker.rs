@@ -526,6 +526,8 @@ mod tests {
             parts: vec![easel_engine::memory::Part { name: "evaluation", bytes: peak }],
             budget_bytes: u64::MAX,
             adjustments: Vec::new(),
+            tile_size: None,
+            evaluation_bytes: peak,
         };
         assert_eq!(memory_cap(&plan(100 * MB)), 356 * MB, "256 MB at least");
         assert_eq!(memory_cap(&plan(4000 * MB)), 5000 * MB, "25% of a large peak");
