@@ -654,7 +654,12 @@ fn a_really_full_tmpfs_is_waited_out_and_the_job_completes() {
 /// and the daemon goes on.
 #[test]
 fn a_job_too_large_for_memory_fails_with_its_need_and_spares_the_others() {
-    let root = TestRoot::new(&config_text(4, "workers = 2"));
+    // 4 GB, as on a small board: 16384 px needs about 18 GB even in the smallest tiles (its
+    // image, gradient, optimiser state and content targets alone), so on any machine it is
+    // refused rather than painted in tiles for hours.
+    let mut config = config_text(4, "workers = 2");
+    config.push_str("\n[limits]\nmemory_mb = 4096\n");
+    let root = TestRoot::new(&config);
     let mut daemon = root.start(&[]);
     root.drop_file("huge.toml", b"[run]\nsize = 16384\niterations = 1\n");
     root.drop_file("huge.png", &png_bytes(40, 30, 5));
