@@ -859,3 +859,21 @@ fn jobs_run_side_by_side_only_while_their_memory_fits_together() {
     assert_eq!(waited.len(), 1, "one job waited");
     assert!(done[0] < started[1], "the second started after the first was done: {started:?} {done:?}");
 }
+
+/// A job whose sidecar asks for tiles is painted tile by tile in its worker, and says so.
+#[test]
+fn a_job_in_tiles_is_painted_by_its_worker() {
+    let root = TestRoot::new(&config_text(2, "workers = 1"));
+    root.drop_file("tiled.toml", b"[run]\nsize = 200\n[model]\ntile_size = 64\n");
+    root.drop_file("tiled.png", &png_bytes(40, 30, 8));
+    let (status, events) = root.run_once(&[]);
+    assert!(status.success());
+    assert_eq!(root.files("out"), ["tiled.png"]);
+    let tiles: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| {
+            e["fields"]["message"].as_str().is_some_and(|m| m.starts_with("evaluating in tiles of 64 px"))
+        })
+        .collect();
+    assert_eq!(tiles.len(), 1, "one scale, in tiles: {events:?}");
+}

@@ -454,6 +454,7 @@ fn attempt(w: &Worker<'_>) -> Result<WorkerEnd, JobError> {
         json!({
             "peak_mb_predicted": memory.peak_bytes() >> 20,
             "budget_mb": memory.budget_bytes >> 20,
+            "tile_size": memory.tile_size,
             "adjustments": memory.adjustments.iter().map(ToString::to_string).collect::<Vec<_>>(),
         })
         .to_string(),
