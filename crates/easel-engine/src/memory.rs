@@ -9,7 +9,9 @@
 
 use easel_config::{DeviceChoice, Limits, Plan};
 use easel_core::{Adjustment, LayerId};
-use easel_vgg::memory::{evaluation_bytes, kernel_cache_bytes, layer_shape, weights_bytes, Pass};
+use easel_vgg::memory::{
+    evaluation_bytes, forward_bytes, kernel_cache_bytes, layer_shape, weights_bytes, Pass,
+};
 
 use crate::objective::layers_of;
 use crate::{EngineError, ModelSpec};
@@ -125,8 +127,14 @@ pub fn evaluation_part(layers: &[LayerId], height: usize, width: usize) -> u64 {
     (evaluation_bytes(layers, height, width) as f64 * EVALUATION_OVERHEAD) as u64
 }
 
+/// What a forward pass alone of `layers` on a `height x width` image (or window) is predicted
+/// to take, as [`evaluation_part`] for an evaluation.
+pub fn forward_part(layers: &[LayerId], height: usize, width: usize) -> u64 {
+    (forward_bytes(layers, height, width) as f64 * EVALUATION_OVERHEAD) as u64
+}
+
 /// The largest window of a tile of `step` pixels on a `height x width` image, for `layers`.
-fn window_of(layers: &[LayerId], height: usize, width: usize, step: u32) -> (usize, usize) {
+pub(crate) fn window_of(layers: &[LayerId], height: usize, width: usize, step: u32) -> (usize, usize) {
     let deepest = layers.iter().copied().max().unwrap_or(LayerId::Pixels);
     let side = step as usize + 2 * crate::tiles::halo(deepest);
     (height.min(side), width.min(side))

@@ -18,8 +18,9 @@ use easel_core::{FeatureMaps, LayerId, References, StyleReference, StyleStatisti
 use easel_vgg::memory::{evaluation_flops, layer_shape};
 use easel_vgg::Vgg19;
 
+use crate::memory;
 use crate::objective::value_and_layer_grads;
-use crate::tiles::{cut, TileCut};
+use crate::tiles::{cut, TileCut, STEP_ALIGN};
 use crate::EngineError;
 
 /// Whether `loss` reads the pixels only: such losses are evaluated on the whole image, which is
@@ -70,6 +71,26 @@ pub fn evaluation_work(
             }
         })
         .sum()
+}
+
+/// The tile size of the passes that run forward only (the global losses' statistics, the
+/// reference images' features): a forward pass takes less memory than an evaluation, so its
+/// windows may be larger within what an evaluation's window of `step` takes, and fewer
+/// halos are computed. A multiple of `step`'s alignment, at least `step`.
+fn forward_step(layers: &[LayerId], height: usize, width: usize, step: usize) -> usize {
+    let window = |s: usize| memory::window_of(layers, height, width, s as u32);
+    let (h, w) = window(step);
+    let limit = memory::evaluation_part(layers, h, w);
+    let mut s = step;
+    // Beyond the longest side a larger step changes nothing.
+    while s < height.max(width) {
+        let (h, w) = window(s + STEP_ALIGN);
+        if memory::forward_part(layers, h, w) > limit {
+            break;
+        }
+        s += STEP_ALIGN;
+    }
+    s
 }
 
 /// The window of `tile` out of `image` (`[1, 3, H, W]`), contiguous.
@@ -135,12 +156,18 @@ pub(crate) fn total(
     let mut totals: Vec<Vec<Tensor>> = vec![Vec::new(); tiled_terms.len()];
     let mut kept = None;
     if !global_layers.is_empty() {
-        for (i, tile) in tiles.iter().enumerate() {
-            let (features, trace) = if i + 1 == tiles.len() {
-                let (features, trace) = vgg.forward_traced(&window(x, tile)?, &layers)?;
+        let first_step = forward_step(&layers, height, width, step);
+        let first_tiles =
+            if first_step == step { tiles.clone() } else { cut(height, width, first_step, &layers) };
+        for (i, tile) in first_tiles.iter().enumerate() {
+            // With the same cut, the last tile runs as the second pass needs it.
+            let keep = first_step == step && i + 1 == first_tiles.len();
+            let (features, trace) = if keep {
+                let (features, trace) =
+                    vgg.forward_traced_window(&window(x, tile)?, &layers, (height, width))?;
                 (features, Some(trace))
             } else {
-                (vgg.forward(&window(x, tile)?, &global_layers)?, None)
+                (vgg.forward_window(&window(x, tile)?, &global_layers, (height, width))?, None)
             };
             let own = own(&features, tile)?;
             let view = Tile { features: &own, placements: &tile.placements };
@@ -162,7 +189,7 @@ pub(crate) fn total(
     for tile in tiles.iter().rev() {
         let (features, trace) = match kept.take() {
             Some(kept) => kept,
-            None => vgg.forward_traced(&window(x, tile)?, &layers)?,
+            None => vgg.forward_traced_window(&window(x, tile)?, &layers, (height, width))?,
         };
         let own_features = own(&features, tile)?;
         let view = Tile { features: &own_features, placements: &tile.placements };
@@ -266,8 +293,10 @@ pub(crate) fn prepare(
                 for (image, weight) in styles {
                     let (_, _, height, width) = image.dims4()?;
                     let mut sums = Vec::new();
+                    let step = forward_step(&layers, height, width, step);
                     for tile in cut(height, width, step, &layers) {
-                        let features = vgg.forward(&window(image, &tile)?, &layers)?;
+                        let features =
+                            vgg.forward_window(&window(image, &tile)?, &layers, (height, width))?;
                         let own = own(&features, &tile)?;
                         accumulate(
                             loss.kind,
@@ -298,10 +327,11 @@ fn assemble(
         return Ok(maps);
     }
     let (_, _, height, width) = image.dims4()?;
+    let step = forward_step(layers, height, width, step);
     let shapes: Vec<(usize, usize, usize)> = layers.iter().map(|&l| layer_shape(l, height, width)).collect();
     let mut wholes: Vec<Vec<f32>> = shapes.iter().map(|&(c, h, w)| vec![0f32; c * h * w]).collect();
     for tile in cut(height, width, step, layers) {
-        let features = vgg.forward(&window(image, &tile)?, layers)?;
+        let features = vgg.forward_window(&window(image, &tile)?, layers, (height, width))?;
         let own = own(&features, &tile)?;
         for ((&layer, whole), &(_, h, w)) in layers.iter().zip(&mut wholes).zip(&shapes) {
             let p = tile.placements[&layer];
@@ -312,4 +342,32 @@ fn assemble(
         maps.insert(layer, Tensor::from_vec(whole, (1, c, h, w), &Device::Cpu)?.to_device(image.device())?);
     }
     Ok(maps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forward_tiles_are_larger_within_an_evaluation_window_s_memory() {
+        let layers = [
+            LayerId::Relu1_1,
+            LayerId::Relu2_1,
+            LayerId::Relu3_1,
+            LayerId::Relu4_1,
+            LayerId::Relu4_2,
+            LayerId::Relu5_1,
+        ];
+        for (height, width, step) in [(3072, 4096, 576), (315, 421, 64), (768, 1024, 448)] {
+            let forward = forward_step(&layers, height, width, step);
+            assert!(forward >= step && forward.is_multiple_of(STEP_ALIGN), "{forward}");
+            let (h, w) = memory::window_of(&layers, height, width, forward as u32);
+            let (eh, ew) = memory::window_of(&layers, height, width, step as u32);
+            assert!(memory::forward_part(&layers, h, w) <= memory::evaluation_part(&layers, eh, ew));
+        }
+        // An evaluation keeps about 1.75 times a forward pass's bytes per pixel: windows a
+        // third wider.
+        assert_eq!(forward_step(&layers, 3072, 4096, 576), 768);
+        assert_eq!(forward_step(&layers, 315, 421, 64), 128);
+    }
 }

@@ -82,7 +82,8 @@ impl Layers {
     }
 
     /// The normalised input `x` through the layers up to index `last`: the outputs of
-    /// `wanted`, and what `keep` says.
+    /// `wanted`, and what `keep` says. `whole`: `x` is a window of an image of that size, whose
+    /// choice of convolution algorithm the CPU backend follows.
     pub(crate) fn forward(
         &self,
         convs: &[ConvWeights],
@@ -91,10 +92,11 @@ impl Layers {
         wanted: &[LayerId],
         last: usize,
         keep: Keep,
+        whole: Option<(usize, usize)>,
     ) -> Result<(easel_core::FeatureMaps, Kept), VggError> {
         Ok(match self {
             Layers::Cpu(layers) => {
-                let mut steps = cpu::Steps::new(layers, convs, pooling, keep);
+                let mut steps = cpu::Steps::new(layers, convs, pooling, keep, whole);
                 let features = stack::forward(&mut steps, x, wanted, last)?;
                 (features, Kept::Cpu(steps.into_kept()))
             }

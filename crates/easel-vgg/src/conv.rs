@@ -80,6 +80,10 @@ pub(crate) enum Algo<'a> {
     /// Winograd where the shape suits it (else direct); the transformed kernel is kept in the
     /// cache, if one is given, under the convolution's number in [`crate::CONVS`].
     Winograd(Option<(&'a KernelCache, usize)>),
+    /// [`Algo::Winograd`], with the tiles (or direct) chosen as for an input of this
+    /// `(height, width)`: a window of a larger image runs each convolution as the whole image
+    /// does, so that (on the grid the windows start on) its features are the same bits.
+    WinogradAs(Option<(&'a KernelCache, usize)>, (usize, usize)),
 }
 
 /// Bytes of the transformed kernel, and the tile side, that a convolution of `c_in` to `c_out`
@@ -192,9 +196,16 @@ fn run(
         Direction::Forward => Filter::Plain(k.get()),
         Direction::InputGradient => Filter::FlippedOf(k.get()),
     };
-    let one = |image: &[f32]| match (algo, winograd::choose(&shape)) {
-        (Algo::Winograd(cache), Some(tile)) => winograd::run(tile, &shape, image, filter, epilogue, cache),
-        _ => shape.run(image, filter, epilogue),
+    let (tile, cache) = match algo {
+        Algo::Direct => (None, None),
+        Algo::Winograd(cache) => (winograd::choose(&shape), cache),
+        Algo::WinogradAs(cache, (height, width)) => {
+            (winograd::choose(&Conv3x3 { height, width, ..shape }), cache)
+        }
+    };
+    let one = |image: &[f32]| match tile {
+        Some(tile) => winograd::run(tile, &shape, image, filter, epilogue, cache),
+        None => shape.run(image, filter, epilogue),
     };
     let out = if batch == 1 {
         one(x.get())

@@ -36,6 +36,12 @@ fn shapes(height: usize, width: usize, last: usize) -> Vec<(usize, usize, usize)
         .collect()
 }
 
+/// `(channels, height, width)` of the output of index `index` of `features` on an image of
+/// `height x width`.
+pub(crate) fn index_shape(index: usize, height: usize, width: usize) -> (usize, usize, usize) {
+    shapes(height, width, index)[index]
+}
+
 /// `(channels, height, width)` of the output of `layer` on an image of `height x width`.
 pub fn layer_shape(layer: LayerId, height: usize, width: usize) -> (usize, usize, usize) {
     match layer.features_index() {
@@ -64,6 +70,18 @@ pub fn evaluation_bytes(layers: &[LayerId], height: usize, width: usize) -> u64 
     let widest = shapes(height, width, last).iter().map(|&(c, h, w)| (c * h * w) as u64).max().unwrap_or(0);
     let requested: u64 = layers.iter().map(|&l| layer_elements(l, height, width)).sum();
     F32 * (2 * requested + 3 * widest)
+}
+
+/// The peak bytes of a forward pass alone (no trace for a backward pass) on an image of
+/// `height x width` reading `layers`: the requested layers' outputs and two of the widest
+/// activations (a convolution's input and output).
+pub fn forward_bytes(layers: &[LayerId], height: usize, width: usize) -> u64 {
+    let Some(last) = layers.iter().filter_map(|l| l.features_index()).max() else {
+        return F32 * (3 * height * width) as u64;
+    };
+    let widest = shapes(height, width, last).iter().map(|&(c, h, w)| (c * h * w) as u64).max().unwrap_or(0);
+    let requested: u64 = layers.iter().map(|&l| layer_elements(l, height, width)).sum();
+    F32 * (requested + 2 * widest)
 }
 
 /// One pass of the model over an image, as the kernel cache sees it.

@@ -195,7 +195,7 @@ impl Vgg19 {
     /// Runs pixels `[1, 3, H, W]` in [0, 1] up to the deepest of `layers` and returns their
     /// outputs.
     pub fn forward(&self, pixels: &Tensor, layers: &[LayerId]) -> Result<FeatureMaps, VggError> {
-        Ok(self.run(pixels, layers, Keep::Nothing)?.0)
+        Ok(self.run(pixels, layers, Keep::Nothing, None)?.0)
     }
 
     /// Like [`Vgg19::forward`], also keeping what [`Vgg19::backward`] needs.
@@ -204,16 +204,45 @@ impl Vgg19 {
         pixels: &Tensor,
         layers: &[LayerId],
     ) -> Result<(FeatureMaps, Trace), VggError> {
-        self.run(pixels, layers, Keep::ForBackward)
+        self.run(pixels, layers, Keep::ForBackward, None)
     }
 
-    fn run(&self, pixels: &Tensor, layers: &[LayerId], keep: Keep) -> Result<(FeatureMaps, Trace), VggError> {
+    /// [`Vgg19::forward`] of a window of a `whole = (height, width)` image, whose convolutions
+    /// run as the whole image's would (the same Winograd tiles, or direct): on a window that
+    /// starts on the whole image's 64-px grid, the features its halo leaves exact are then the
+    /// whole image's to the bit.
+    pub fn forward_window(
+        &self,
+        pixels: &Tensor,
+        layers: &[LayerId],
+        whole: (usize, usize),
+    ) -> Result<FeatureMaps, VggError> {
+        Ok(self.run(pixels, layers, Keep::Nothing, Some(whole))?.0)
+    }
+
+    /// [`Vgg19::forward_traced`] of a window, as [`Vgg19::forward_window`].
+    pub fn forward_traced_window(
+        &self,
+        pixels: &Tensor,
+        layers: &[LayerId],
+        whole: (usize, usize),
+    ) -> Result<(FeatureMaps, Trace), VggError> {
+        self.run(pixels, layers, Keep::ForBackward, Some(whole))
+    }
+
+    fn run(
+        &self,
+        pixels: &Tensor,
+        layers: &[LayerId],
+        keep: Keep,
+        whole: Option<(usize, usize)>,
+    ) -> Result<(FeatureMaps, Trace), VggError> {
         let deepest = layers.iter().copied().max().unwrap_or(LayerId::Pixels);
         self.check(pixels, deepest)?;
         let x = self.normalise(pixels)?;
         let input_dims = x.dims4()?;
         let (mut features, kept) = match deepest.features_index() {
-            Some(last) => self.layers.forward(&self.convs, self.pooling, x, layers, last, keep)?,
+            Some(last) => self.layers.forward(&self.convs, self.pooling, x, layers, last, keep, whole)?,
             None => (FeatureMaps::new(), self.layers.kept_nothing()),
         };
         if layers.contains(&LayerId::Pixels) {

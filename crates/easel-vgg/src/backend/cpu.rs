@@ -13,7 +13,7 @@ use crate::conv::{self, Activation, Algo, KernelCache, Winograd};
 use crate::pool::{self, Pooling, Routing};
 use crate::relu_mask::{relu_backward, ReluMask};
 use crate::stack::{grad_at, op, with_grads_at, ConvWeights, ForwardSteps, Op};
-use crate::VggError;
+use crate::{VggError, CONVS};
 
 /// The CPU backend's settings and its cache of transformed Winograd kernels.
 #[derive(Clone)]
@@ -118,11 +118,20 @@ pub(crate) struct Steps<'a> {
     pooling: Pooling,
     /// `None` when the pass keeps nothing for a backward pass.
     kept: Option<Kept>,
+    /// `Some((height, width))`: the input is a window of an image of this size, whose choice
+    /// of algorithm each convolution follows.
+    whole: Option<(usize, usize)>,
 }
 
 impl<'a> Steps<'a> {
-    pub(crate) fn new(layers: &'a CpuLayers, convs: &'a [ConvWeights], pooling: Pooling, keep: Keep) -> Self {
-        Self { layers, convs, pooling, kept: (keep == Keep::ForBackward).then(Kept::default) }
+    pub(crate) fn new(
+        layers: &'a CpuLayers,
+        convs: &'a [ConvWeights],
+        pooling: Pooling,
+        keep: Keep,
+        whole: Option<(usize, usize)>,
+    ) -> Self {
+        Self { layers, convs, pooling, kept: (keep == Keep::ForBackward).then(Kept::default), whole }
     }
 
     /// What the pass kept (nothing, unless it was made to keep).
@@ -134,7 +143,14 @@ impl<'a> Steps<'a> {
 impl ForwardSteps for Steps<'_> {
     fn conv(&mut self, k: usize, x: &Tensor, activation: Activation) -> Result<Tensor, VggError> {
         let ConvWeights { weight, bias } = &self.convs[k];
-        conv::forward(x, weight, bias, activation, self.layers.forward_algo(k))
+        let algo = match (self.layers.forward_algo(k), self.whole) {
+            (Algo::Winograd(cache), Some((height, width))) => {
+                let (_, h, w) = crate::memory::index_shape(CONVS[k].0, height, width);
+                Algo::WinogradAs(cache, (h, w))
+            }
+            (algo, _) => algo,
+        };
+        conv::forward(x, weight, bias, activation, algo)
     }
 
     fn relu_output(&mut self, index: usize, out: &Tensor) -> Result<(), VggError> {
