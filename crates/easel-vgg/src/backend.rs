@@ -35,6 +35,15 @@ pub(crate) enum Keep {
     ForBackward,
 }
 
+/// How a forward pass runs: what it keeps, and whether its input is a window of a larger
+/// image, whose choice of convolution algorithm it then follows (`whole`: that image's
+/// `(height, width)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Pass {
+    pub(crate) keep: Keep,
+    pub(crate) whole: Option<(usize, usize)>,
+}
+
 /// What a trace kept at `index`, or an error naming what is missing (a trace always keeps
 /// what its backward pass reads: this is a broken invariant, not a user error).
 fn kept_at<'a, T>(kept: &'a BTreeMap<usize, T>, index: usize, what: &str) -> Result<&'a T, VggError> {
@@ -82,8 +91,7 @@ impl Layers {
     }
 
     /// The normalised input `x` through the layers up to index `last`: the outputs of
-    /// `wanted`, and what `keep` says. `whole`: `x` is a window of an image of that size, whose
-    /// choice of convolution algorithm the CPU backend follows.
+    /// `wanted`, and what `pass` keeps (the CPU backend also follows its `whole`).
     pub(crate) fn forward(
         &self,
         convs: &[ConvWeights],
@@ -91,9 +99,9 @@ impl Layers {
         x: Tensor,
         wanted: &[LayerId],
         last: usize,
-        keep: Keep,
-        whole: Option<(usize, usize)>,
+        pass: Pass,
     ) -> Result<(easel_core::FeatureMaps, Kept), VggError> {
+        let Pass { keep, whole } = pass;
         Ok(match self {
             Layers::Cpu(layers) => {
                 let mut steps = cpu::Steps::new(layers, convs, pooling, keep, whole);

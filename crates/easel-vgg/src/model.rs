@@ -10,7 +10,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use easel_core::{FeatureMaps, LayerId};
 
-use crate::backend::{Backend, Keep, Kept, Layers};
+use crate::backend::{Backend, Keep, Kept, Layers, Pass};
 use crate::conv::{KernelCache, Winograd};
 use crate::pool::Pooling;
 use crate::stack::ConvWeights;
@@ -242,7 +242,9 @@ impl Vgg19 {
         let x = self.normalise(pixels)?;
         let input_dims = x.dims4()?;
         let (mut features, kept) = match deepest.features_index() {
-            Some(last) => self.layers.forward(&self.convs, self.pooling, x, layers, last, keep, whole)?,
+            Some(last) => {
+                self.layers.forward(&self.convs, self.pooling, x, layers, last, Pass { keep, whole })?
+            }
             None => (FeatureMaps::new(), self.layers.kept_nothing()),
         };
         if layers.contains(&LayerId::Pixels) {
