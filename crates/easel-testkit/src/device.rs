@@ -41,8 +41,9 @@ pub fn device_named(value: &str) -> Result<Device, String> {
                      `--features cuda` (deploy/cuda-build.sh --tests)"
                 ));
             }
-            Device::new_cuda(n)
-                .map_err(|e| format!("{TEST_DEVICE_VAR}={value}: no CUDA device {n} answered: {e}"))
+            Device::new_cuda(n).map_err(|e| {
+                format!("{TEST_DEVICE_VAR}={value}: no CUDA device {n} answered: {}", without_backtrace(e))
+            })
         }
         "metal" => {
             let n = which(value).ok_or_else(wrong)?;
@@ -52,10 +53,19 @@ pub fn device_named(value: &str) -> Result<Device, String> {
                      `--features metal` on macOS"
                 ));
             }
-            Device::new_metal(n)
-                .map_err(|e| format!("{TEST_DEVICE_VAR}={value}: no Metal device {n} answered: {e}"))
+            Device::new_metal(n).map_err(|e| {
+                format!("{TEST_DEVICE_VAR}={value}: no Metal device {n} answered: {}", without_backtrace(e))
+            })
         }
         _ => Err(wrong()),
+    }
+}
+
+/// The error itself, so that the message stays one line with RUST_BACKTRACE set.
+fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => without_backtrace(*inner),
+        other => other,
     }
 }
 
