@@ -3,7 +3,7 @@
 # headers and (for --link) the CUDA libraries come from NVIDIA's PyPI wheels, installed once
 # into a cache folder and reused. See deploy/cuda.md.
 #
-#   deploy/cuda-build.sh [--check | --link [--smoke]] [extra cargo arguments]
+#   deploy/cuda-build.sh [--check | --link [--smoke] [--tests]] [extra cargo arguments]
 #
 #   --check  (default) `cargo check --release --features cuda`: candle's CUDA kernels are
 #            compiled by nvcc (its build script runs under check too) and every easel crate is
@@ -14,6 +14,9 @@
 #   --smoke  after --link, runs the binary: with the stub (no driver), a job under the default
 #            `model.device = "auto"` must run on the CPU and `device = "cuda"` must fail with a
 #            one-line error naming the key; with a driver, `auto` must pick cuda:0.
+#   --tests  after --link, also builds the golden test binaries with `--features cuda` (the
+#            engine's goldens and easel-vgg's gradient check, `cargo test --no-run`) and prints
+#            their paths: run them with EASEL_TEST_DEVICE=cuda on a machine with a GPU.
 #
 # Environment:
 #   EASEL_CUDA_CACHE   where the wheels go (default ~/.cache/easel-cuda)
@@ -30,17 +33,23 @@ cd "$(dirname "$0")/.."
 
 mode=check
 smoke=no
+tests=no
 while [ $# -gt 0 ]; do
   case "$1" in
     --check) mode=check; shift ;;
     --link) mode=link; shift ;;
     --smoke) smoke=yes; shift ;;
-    -h | --help) sed -n '2,28p' "$0"; exit 0 ;;
+    --tests) tests=yes; shift ;;
+    -h | --help) sed -n '2,31p' "$0"; exit 0 ;;
     *) break ;;
   esac
 done
 if [ "$smoke" = yes ] && [ "$mode" != link ]; then
   echo "cuda-build: --smoke runs the linked binary: it needs --link" >&2
+  exit 2
+fi
+if [ "$tests" = yes ] && [ "$mode" != link ]; then
+  echo "cuda-build: --tests links test binaries: it needs --link" >&2
   exit 2
 fi
 
@@ -184,6 +193,29 @@ smoke_test() {
   fi
 }
 
+# The golden test binaries, built with CUDA; their paths are printed, one a line, on stdout.
+build_tests() {
+  local started
+  started=$(date +%s)
+  # `--message-format json` names each test executable; cargo's own progress stays on stderr.
+  cargo test --release --features cuda --no-run -p easel-engine -p easel-vgg --test golden --test backward \
+    --message-format json "${cargo_args[@]}" |
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    if not line.startswith("{"):
+        continue
+    message = json.loads(line)
+    if message.get("reason") == "compiler-artifact" and message.get("executable") and message["profile"]["test"]:
+        print(message["executable"])
+' >"$target/cuda-golden-tests.txt"
+  echo "cuda-build: golden test binaries built with CUDA in $(elapsed "$started"); run each with" >&2
+  echo "  EASEL_TEST_DEVICE=cuda LD_LIBRARY_PATH=$1 BINARY" >&2
+  echo "  (they read tests/data from the checkout they were built in, $PWD: run them where that path holds it)" >&2
+  cat "$target/cuda-golden-tests.txt"
+}
+
+cargo_args=("$@")
 started=$(date +%s)
 if [ "$mode" = link ]; then
   cargo build --release --features cuda "$@"
@@ -193,7 +225,9 @@ if [ "$mode" = link ]; then
   [ "$wheels" = yes ] && runtime="$link_dir:$(dirname "$(readlink -f "$link_dir/libcublas.so")")"
   echo "cuda-build: built $target/release/easel; it loads its CUDA libraries with" >&2
   echo "  LD_LIBRARY_PATH=$runtime" >&2
-  [ "$smoke" = yes ] && smoke_test "$target/release/easel" "$runtime"
+  # `if`, not `&&`: the script's status is its last command's, and a skipped step is no failure.
+  if [ "$smoke" = yes ]; then smoke_test "$target/release/easel" "$runtime"; fi
+  if [ "$tests" = yes ]; then build_tests "$runtime"; fi
 else
   cargo check --release --features cuda "$@"
   echo "cuda-build: cargo check --release --features cuda took $(elapsed "$started")" >&2

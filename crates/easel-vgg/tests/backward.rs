@@ -1,5 +1,8 @@
 //! The hand-written input gradient of VGG-19 against candle's autograd through a plain
 //! reference forward pass, at odd sizes where pooling drops a row or column.
+//!
+//! On the device of `EASEL_TEST_DEVICE` (`cpu` by default, see easel-testkit): on a GPU, the
+//! generic backend's cases only (easel's own kernels are the CPU's), reference and all on the GPU.
 
 mod support;
 
@@ -31,7 +34,7 @@ fn reference_forward(
     preprocess: Preprocess,
     taps: &[usize],
 ) -> Vec<Tensor> {
-    let dev = Device::Cpu;
+    let dev = x.device().clone();
     let mut h = match preprocess {
         Preprocess::Torchvision => {
             let mean = Tensor::new(&[0.485f32, 0.456, 0.406], &dev).unwrap().reshape((1, 3, 1, 1)).unwrap();
@@ -74,8 +77,8 @@ fn reference_forward(
 }
 
 /// Uniform values in [low, high) from a fixed seed, so the test sees the same inputs each run
-/// (random inputs could now and then put a near-tie into a max-pool window).
-fn pseudo_random(seed: u64, low: f32, high: f32, dims: &[usize]) -> Tensor {
+/// (random inputs could now and then put a near-tie into a max-pool window), on `device`.
+fn pseudo_random(seed: u64, low: f32, high: f32, dims: &[usize], device: &Device) -> Tensor {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
     let n: usize = dims.iter().product();
     let values: Vec<f32> = (0..n)
@@ -86,18 +89,18 @@ fn pseudo_random(seed: u64, low: f32, high: f32, dims: &[usize]) -> Tensor {
             low + (high - low) * ((state >> 40) as f32 / (1u64 << 24) as f32)
         })
         .collect();
-    Tensor::from_vec(values, dims, &Device::Cpu).unwrap()
+    Tensor::from_vec(values, dims, device).unwrap()
 }
 
 #[test]
 fn input_gradient_matches_autograd_on_every_backend_and_mode() {
     let (_dir, weights) = synth_weights(1);
-    let dev = Device::Cpu;
+    let dev = easel_testkit::test_device();
     // 45 x 37: odd at several pooling stages (45 -> 22 -> 11 -> 5, 37 -> 18 -> 9 -> 4).
-    let odd = pseudo_random(0, 0.0, 1.0, &[1, 3, 37, 45]);
+    let odd = pseudo_random(0, 0.0, 1.0, &[1, 3, 37, 45], &dev);
     // 76 x 72: enough tiles in block 3 (19 x 18 pixels, 81 F(2x2) tiles) for `Deep` to run
     // Winograd's forward there.
-    let larger = pseudo_random(5, 0.0, 1.0, &[1, 3, 72, 76]);
+    let larger = pseudo_random(5, 0.0, 1.0, &[1, 3, 72, 76], &dev);
     let taps = [LayerId::Relu1_1, LayerId::Pool1, LayerId::Conv3_1, LayerId::Relu4_2, LayerId::Relu5_1];
     let indices: Vec<usize> = taps.iter().map(|t| t.features_index().unwrap()).collect();
     // Winograd in the gradients only keeps the direct path's accuracy; in the forward pass too,
@@ -118,7 +121,11 @@ fn input_gradient_matches_autograd_on_every_backend_and_mode() {
         (&odd, Pooling::Avg, Preprocess::Caffe, Backend::Generic, Winograd::None, 1e-5),
         (&larger, Pooling::Max, Preprocess::Caffe, Backend::Generic, Winograd::None, 1e-5),
     ];
+    let mut checked = 0;
     for (x, pooling, preprocess, backend, mode, tolerance) in cases {
+        if backend == Backend::Cpu && !dev.is_cpu() {
+            continue;
+        }
         let vgg = Vgg19::load(&weights, LayerId::Relu5_1, pooling, preprocess, &dev)
             .unwrap()
             .with_backend(backend)
@@ -130,8 +137,8 @@ fn input_gradient_matches_autograd_on_every_backend_and_mode() {
         let upstream: Vec<(LayerId, Tensor)> = features
             .iter()
             .enumerate()
-            .map(|(i, (layer, f))| (layer, pseudo_random(i as u64 + 1, -1.0, 1.0, f.dims())))
-            .chain([(LayerId::Pixels, pseudo_random(99, -1.0, 1.0, x.dims()))])
+            .map(|(i, (layer, f))| (layer, pseudo_random(i as u64 + 1, -1.0, 1.0, f.dims(), &dev)))
+            .chain([(LayerId::Pixels, pseudo_random(99, -1.0, 1.0, x.dims(), &dev))])
             .collect();
         let ours = vgg.backward(&trace, &upstream).unwrap();
 
@@ -152,7 +159,9 @@ fn input_gradient_matches_autograd_on_every_backend_and_mode() {
         let case = format!("{backend:?} {pooling:?}/{preprocess:?}/{mode:?}");
         eprintln!("{case}: relative L2 error {rel:.2e}");
         assert!(rel < tolerance, "{case}: relative L2 error {rel:.2e}");
+        checked += 1;
     }
+    assert_eq!(checked, if dev.is_cpu() { 9 } else { 3 }, "cases checked on {dev:?}");
 }
 
 /// Gradients that do not fit the trace are errors naming the layer, not panics, and a trace
@@ -162,11 +171,11 @@ fn gradients_that_do_not_fit_the_trace_are_errors() {
     let (_dir, weights) = synth_weights(1);
     let cpu =
         Vgg19::load(&weights, LayerId::Relu2_1, Pooling::Max, Preprocess::Torchvision, &Device::Cpu).unwrap();
-    let x = pseudo_random(3, 0.0, 1.0, &[1, 3, 20, 24]);
+    let x = pseudo_random(3, 0.0, 1.0, &[1, 3, 20, 24], &Device::Cpu);
     let (features, trace) = cpu.forward_traced(&x, &[LayerId::Relu1_1]).unwrap();
     let relu1_1 = features.get(LayerId::Relu1_1).unwrap();
 
-    let wrong = pseudo_random(4, -1.0, 1.0, &[1, 64, 20, 23]);
+    let wrong = pseudo_random(4, -1.0, 1.0, &[1, 64, 20, 23], &Device::Cpu);
     let err = cpu.backward(&trace, &[(LayerId::Relu1_1, wrong)]).unwrap_err().to_string();
     assert!(
         err.contains("relu1_1") && err.contains("[1, 64, 20, 23]") && err.contains("[1, 64, 20, 24]"),

@@ -1,6 +1,7 @@
 //! The Winograd transforms: of the 3x3 kernels (`G g G^T`, in f64), of the input patches
 //! (`B^T d B`) and of the products back to output tiles (`A^T m A`), each written lane by lane
-//! for 16 tiles at a time and compiled for the CPU's vector unit ([`crate::simd`]).
+//! for 16 tiles at a time and compiled for the CPU's vector unit ([`crate::simd`]); on aarch64
+//! the input transform takes its 16 tiles 4 at a time, one NEON register per value.
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -9,6 +10,8 @@ use rayon::prelude::*;
 
 use crate::conv::direct::{Conv3x3, Filter};
 use crate::simd::{self, Kernel};
+#[cfg(target_arch = "aarch64")]
+use std::arch::aarch64::float32x4_t;
 
 /// Tiles transformed together: one AVX-512 register of f32 per value, or a few narrower ones.
 const LANES: usize = 16;
@@ -27,8 +30,9 @@ const G4: [[f64; 3]; 6] = [
     [0.0, 0.0, 1.0],
 ];
 
-/// Up to six values per lane: one row or column of a patch (F(2x2) uses the first four).
-type Six = [[f32; LANES]; 6];
+/// Up to six values per lane, `L` lanes: one row or column of a patch (F(2x2) uses the first
+/// four).
+type Six<const L: usize = LANES> = [[f32; L]; 6];
 
 /// Which Winograd algorithm: the output tile side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,13 +60,15 @@ impl Tile {
     }
 }
 
-/// `B^T d` along one axis of a patch, for `n` values per lane.
+/// `B^T d` along one axis of a patch, for `n` values per lane. (On aarch64 the transform has
+/// its own in NEON intrinsics, `input_1d_neon`, and this is the tests' reference.)
+#[cfg_attr(all(target_arch = "aarch64", not(test)), allow(dead_code))]
 #[inline(always)]
-fn input_1d(tile: Tile, d: &Six) -> Six {
-    let mut o = [[0f32; LANES]; 6];
+fn input_1d<const L: usize>(tile: Tile, d: &Six<L>) -> Six<L> {
+    let mut o = [[0f32; L]; 6];
     match tile {
         Tile::F2 => {
-            for l in 0..LANES {
+            for l in 0..L {
                 let [d0, d1, d2, d3] = [d[0][l], d[1][l], d[2][l], d[3][l]];
                 o[0][l] = d0 - d2;
                 o[1][l] = d1 + d2;
@@ -71,7 +77,7 @@ fn input_1d(tile: Tile, d: &Six) -> Six {
             }
         }
         Tile::F4 => {
-            for l in 0..LANES {
+            for l in 0..L {
                 let [d0, d1, d2, d3, d4, d5] = [d[0][l], d[1][l], d[2][l], d[3][l], d[4][l], d[5][l]];
                 o[0][l] = 4.0 * d0 - 5.0 * d2 + d4;
                 o[1][l] = -4.0 * (d1 + d2) + (d3 + d4);
@@ -340,6 +346,7 @@ fn merge_phases<const M: usize>(phases: &[f32], len: usize, row: &mut [f32]) {
 }
 
 /// Transposes the grid of lane vectors: `t[a][b] = g[b][a]`.
+#[cfg(not(target_arch = "aarch64"))]
 #[inline(always)]
 fn transpose(g: &[Six; 6]) -> [Six; 6] {
     let mut t = [[[0f32; LANES]; 6]; 6];
@@ -351,6 +358,38 @@ fn transpose(g: &[Six; 6]) -> [Six; 6] {
     t
 }
 
+/// The input rows `y0..` of `plane` that a block's patches read (as many as `phases` holds),
+/// each split into its m polyphase components `len` long (zero outside the image), one after
+/// another: [`transform_input`]'s source. `padded` is scratch of `m len` values. (The portable
+/// [`transform_input`] has the same loop inline: moved out, it changed the x86-64 code's
+/// register allocation, which is tuned and checked as it is.)
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+fn split_rows(
+    tile: Tile,
+    s: &Conv3x3,
+    plane: &[f32],
+    y0: isize,
+    padded: &mut [f32],
+    phases: &mut [f32],
+    len: usize,
+) {
+    let (h, w, m) = (s.height, s.width, tile.m());
+    for (k, line) in phases.chunks_exact_mut(m * len).enumerate() {
+        let y = y0 + k as isize;
+        if y < 0 || y >= h as isize {
+            line.fill(0.0);
+            continue;
+        }
+        // Pixel x at x + 1: a patch's first column is the pixel left of its tile.
+        padded[1..=w].copy_from_slice(&plane[y as usize * w..][..w]);
+        match tile {
+            Tile::F2 => split_phases::<2>(padded, line, len),
+            Tile::F4 => split_phases::<4>(padded, line, len),
+        }
+    }
+}
+
 /// `v[xi, ci, tile] = (B^T d B)[xi]` for the n x n input patch `d` of every tile of the
 /// tile rows `rows` (tiles numbered row by row from the block's first).
 ///
@@ -358,6 +397,7 @@ fn transpose(g: &[Six; 6]) -> [Six; 6] {
 /// `m tx + c - 1` on; so each input row the block needs is first split into its m polyphase
 /// components (zero outside the image), from which every column of 16 patches is one
 /// contiguous load.
+#[cfg(not(target_arch = "aarch64"))]
 #[inline(always)]
 fn transform_input(tile: Tile, s: &Conv3x3, input: &[f32], rows: Range<usize>, v: &mut [f32]) {
     let (h, w, m, n) = (s.height, s.width, tile.m(), tile.n());
@@ -420,6 +460,199 @@ fn transform_input(tile: Tile, s: &Conv3x3, input: &[f32], rows: Range<usize>, v
             }
         }
     }
+}
+
+/// [`transform_input`] on aarch64: the same source rows and results, taken 4 tiles at a time.
+///
+/// 16 lanes are one AVX-512 register per value but four NEON ones: the 16-lane transform's 36
+/// patch values alone need 144 of NEON's 32 registers, and the compiler kept the columns, their
+/// transforms and the transposition in stack arrays, filled through memcpy (in the disassembly
+/// 99 stores of q registers to the stack, 14 calls to memcpy). 8 lanes for this transform
+/// still spilled (60 stores); 8 for the output transform too made half of it scalar. With 4
+/// lanes each patch value is one register: a column's 6 values and its 6 results fit, and only
+/// the transposition goes through memory, 36 registers stored and loaded once per 4 tiles
+/// (68 stores in the function, no spills, one call to memcpy, outside the tile loop). The
+/// arithmetic of each lane is the same, in the same order, so the results are the other
+/// architectures' bit for bit.
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+fn transform_input(tile: Tile, s: &Conv3x3, input: &[f32], rows: Range<usize>, v: &mut [f32]) {
+    let (h, w, m) = (s.height, s.width, tile.m());
+    let tiles_x = w.div_ceil(m);
+    let tiles = rows.len() * tiles_x;
+    let v_plane = plane_len(s.c_in, tiles);
+    let len = tiles_x.next_multiple_of(LANES) + 1;
+    let (y0, lines) = ((m * rows.start) as isize - 1, m * rows.len() + 2);
+    let mut padded = vec![0f32; m * len];
+    let mut phases = vec![0f32; lines * m * len];
+    // Written before it is read for every 4 tiles, so zeroed once here, not per use.
+    // SAFETY: NEON is part of every aarch64 target's baseline.
+    let mut down = [[unsafe { std::arch::aarch64::vdupq_n_f32(0.0) }; 6]; 6];
+    for (ci, plane) in input.chunks_exact(h * w).enumerate() {
+        split_rows(tile, s, plane, y0, &mut padded, &mut phases, len);
+        for ty in rows.clone() {
+            for tx0 in (0..tiles_x).step_by(LANES) {
+                let group = InputGroup {
+                    lines: &phases[m * (ty - rows.start) * m * len..],
+                    len,
+                    tx0,
+                    lanes: LANES.min(tiles_x - tx0),
+                    first: ci * tiles + (ty - rows.start) * tiles_x + tx0,
+                    v_plane,
+                };
+                match tile {
+                    Tile::F2 => group.transform::<2, 4>(&mut down, v),
+                    Tile::F4 => group.transform::<4, 6>(&mut down, v),
+                }
+            }
+        }
+    }
+}
+
+/// One group of [`LANES`] tiles of a tile row (fewer at its end), for the aarch64
+/// [`transform_input`]: where its patches are and where their transforms go.
+#[cfg(target_arch = "aarch64")]
+struct InputGroup<'a> {
+    /// The tile row's n input rows, each as its m phases `len` long.
+    lines: &'a [f32],
+    len: usize,
+    /// The group's first tile in its row, and how many tiles it has.
+    tx0: usize,
+    lanes: usize,
+    /// Where its first tile goes in each n x n plane of `v`, and the planes' length.
+    first: usize,
+    v_plane: usize,
+}
+
+#[cfg(target_arch = "aarch64")]
+impl InputGroup<'_> {
+    /// The group's transforms into `v`, 4 tiles at a time; `down` is scratch.
+    #[inline(always)]
+    fn transform<const M: usize, const N: usize>(&self, down: &mut [[float32x4_t; 6]; 6], v: &mut [f32]) {
+        // rows[r][p]: phase p of input row r from the group's first tile on, the LANES tiles and
+        // the one after (columns m..n of a patch are the next tile's first ones). Their fixed
+        // length lets the compiler drop the bounds checks of the loads below.
+        let rows: [[&[f32; LANES + 1]; M]; N] = std::array::from_fn(|r| {
+            std::array::from_fn(|p| {
+                self.lines[(r * M + p) * self.len + self.tx0..][..LANES + 1]
+                    .try_into()
+                    .expect("a row phase holds the group's tiles and one more")
+            })
+        });
+        for from in (0..LANES).step_by(4) {
+            if from + 4 > self.lanes {
+                break;
+            }
+            let first = self.first + from;
+            input_quad::<M, N>(&rows, from, down, |xi, values| {
+                store((&mut v[xi * self.v_plane + first..][..4]).try_into().expect("4 values"), values)
+            });
+        }
+        if !self.lanes.is_multiple_of(4) {
+            self.ragged_end::<M, N>(&rows, down, v);
+        }
+    }
+
+    /// The last 1 to 3 tiles of a row, of whose 4 lanes only those that are tiles are stored.
+    /// Out of line: inlined, it doubled the transform's code and brought 22 calls to memcpy
+    /// and about 100 stack stores into it.
+    #[inline(never)]
+    fn ragged_end<const M: usize, const N: usize>(
+        &self,
+        rows: &[[&[f32; LANES + 1]; M]; N],
+        down: &mut [[float32x4_t; 6]; 6],
+        v: &mut [f32],
+    ) {
+        let (from, lanes) = (self.lanes / 4 * 4, self.lanes % 4);
+        let first = self.first + from;
+        input_quad::<M, N>(rows, from, down, |xi, values| {
+            let mut quad = [0f32; 4];
+            store(&mut quad, values);
+            v[xi * self.v_plane + first..][..lanes].copy_from_slice(&quad[..lanes])
+        });
+    }
+}
+
+/// `B^T d B` of the 4 patches whose first columns are at `from` in `rows` (see
+/// [`InputGroup::transform`]): each of the n x n results goes to `store` with its index
+/// `xi = n r + c`. `down` is scratch.
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+fn input_quad<const M: usize, const N: usize>(
+    rows: &[[&[f32; LANES + 1]; M]; N],
+    from: usize,
+    down: &mut [[float32x4_t; 6]; 6],
+    mut store: impl FnMut(usize, float32x4_t),
+) {
+    let tile = if M == 2 { Tile::F2 } else { Tile::F4 };
+    // Along the rows of each column into down[r][c] (so transposed), then along each row.
+    for c in 0..N {
+        // F(2x2) patches have 4 rows: its last two values repeat the fourth, and are not read.
+        let col: [float32x4_t; 6] = std::array::from_fn(|r| {
+            load(rows[r.min(N - 1)][c % M][c / M + from..][..4].try_into().expect("4 values"))
+        });
+        for (r, values) in input_1d_neon(tile, &col).into_iter().enumerate().take(N) {
+            down[r][c] = values;
+        }
+    }
+    for (r, row) in down.iter().enumerate().take(N) {
+        for (c, values) in input_1d_neon(tile, row).into_iter().enumerate().take(N) {
+            store(r * N + c, values);
+        }
+    }
+}
+
+/// [`input_1d`] of 4 lanes in NEON intrinsics: the portable loop, inlined into the 4-lane
+/// transform, was vectorised or not depending on what else the compiler saw (all vector in a
+/// crate holding only this module, 55 scalar instructions in the F(2x2) case in easel-vgg).
+/// The same operations in the same order, term for term (Rust fuses no multiply-add on its
+/// own, nor do these intrinsics), so the same bits:
+/// `input_transform_matches_a_tile_by_tile_reference` checks it under qemu.
+/// F(2x2) reads the first 4 values and leaves the last two results as its input's.
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+fn input_1d_neon(tile: Tile, d: &[float32x4_t; 6]) -> [float32x4_t; 6] {
+    use std::arch::aarch64::{vaddq_f32, vmulq_n_f32, vsubq_f32};
+    let [d0, d1, d2, d3, d4, d5] = *d;
+    // SAFETY: NEON is part of every aarch64 target's baseline, so these intrinsics run on any
+    // aarch64 CPU; they only compute on registers.
+    unsafe {
+        match tile {
+            Tile::F2 => [vsubq_f32(d0, d2), vaddq_f32(d1, d2), vsubq_f32(d2, d1), vsubq_f32(d1, d3), d4, d5],
+            Tile::F4 => [
+                // 4 d0 - 5 d2 + d4
+                vaddq_f32(vsubq_f32(vmulq_n_f32(d0, 4.0), vmulq_n_f32(d2, 5.0)), d4),
+                // -4 (d1 + d2) + (d3 + d4)
+                vaddq_f32(vmulq_n_f32(vaddq_f32(d1, d2), -4.0), vaddq_f32(d3, d4)),
+                // 4 (d1 - d2) + (d4 - d3)
+                vaddq_f32(vmulq_n_f32(vsubq_f32(d1, d2), 4.0), vsubq_f32(d4, d3)),
+                // 2 (d3 - d1) + (d4 - d2)
+                vaddq_f32(vmulq_n_f32(vsubq_f32(d3, d1), 2.0), vsubq_f32(d4, d2)),
+                // 2 (d1 - d3) + (d4 - d2)
+                vaddq_f32(vmulq_n_f32(vsubq_f32(d1, d3), 2.0), vsubq_f32(d4, d2)),
+                // 4 d1 - 5 d3 + d5
+                vaddq_f32(vsubq_f32(vmulq_n_f32(d1, 4.0), vmulq_n_f32(d3, 5.0)), d5),
+            ],
+        }
+    }
+}
+
+/// 4 values into a NEON register.
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+fn load(values: &[f32; 4]) -> float32x4_t {
+    // SAFETY: NEON is part of every aarch64 target's baseline; the pointer is to 4 readable
+    // f32 (vld1q_f32 needs no more alignment than f32's).
+    unsafe { std::arch::aarch64::vld1q_f32(values.as_ptr()) }
+}
+
+/// A NEON register's 4 values into `out`.
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+fn store(out: &mut [f32; 4], values: float32x4_t) {
+    // SAFETY: NEON is part of every aarch64 target's baseline; the pointer is to 4 writable
+    // f32 (vst1q_f32 needs no more alignment than f32's).
+    unsafe { std::arch::aarch64::vst1q_f32(out.as_mut_ptr(), values) }
 }
 
 /// Writes `A^T p A` of the products `p[xi, co, tile]` into the block's output rows (raw
@@ -497,6 +730,66 @@ mod tests {
             .collect();
         assert!(!runs.is_empty(), "the baseline always runs");
         runs
+    }
+
+    /// The input transform of every tile, ragged ends of rows and blocks that start below the
+    /// first tile row included, against the patch gathered pixel by pixel and transformed one
+    /// lane at a time: the same arithmetic in the same order, so the same bits, whatever lanes
+    /// and registers the vector code uses (on aarch64, its own 4-lane form).
+    #[test]
+    fn input_transform_matches_a_tile_by_tile_reference() {
+        let s = Conv3x3 { c_in: 3, c_out: 1, height: 13, width: 150 };
+        let input = Rng::new(6).uniform_vec(s.c_in * s.height * s.width);
+        let pixel = |ci: usize, y: isize, x: isize| {
+            let inside = (0..s.height as isize).contains(&y) && (0..s.width as isize).contains(&x);
+            if inside {
+                input[(ci * s.height + y as usize) * s.width + x as usize]
+            } else {
+                0.0
+            }
+        };
+        for tile in [Tile::F2, Tile::F4] {
+            let (m, n) = (tile.m(), tile.n());
+            let tiles_x = s.width.div_ceil(m);
+            let tile_rows = s.height.div_ceil(m);
+            for rows in [0..tile_rows, 1..tile_rows - 1] {
+                let tiles = rows.len() * tiles_x;
+                let v_plane = plane_len(s.c_in, tiles);
+                let mut v = vec![f32::NAN; n * n * v_plane];
+                simd::widest(InputTransform { tile, s: &s, input: &input, rows: rows.clone(), v: &mut v });
+                let mut checked = 0;
+                for ci in 0..s.c_in {
+                    for (t, (ty, tx)) in
+                        rows.clone().flat_map(|ty| (0..tiles_x).map(move |tx| (ty, tx))).enumerate()
+                    {
+                        let (y0, x0) = ((m * ty) as isize - 1, (m * tx) as isize - 1);
+                        // Column c of the patch along its rows, then each row of the results.
+                        let down: [Six<1>; 6] = std::array::from_fn(|c| {
+                            let col: Six<1> = std::array::from_fn(|r| {
+                                let inside = r < n && c < n;
+                                [if inside { pixel(ci, y0 + r as isize, x0 + c as isize) } else { 0.0 }]
+                            });
+                            input_1d(tile, &col)
+                        });
+                        for r in 0..n {
+                            let row: Six<1> = std::array::from_fn(|c| down[c][r]);
+                            for (c, want) in input_1d(tile, &row).into_iter().enumerate().take(n) {
+                                let got = v[(r * n + c) * v_plane + ci * tiles + t];
+                                assert_eq!(
+                                    got.to_bits(),
+                                    want[0].to_bits(),
+                                    "{tile:?} rows {rows:?}: channel {ci}, tile ({ty}, {tx}), value {r} {c}: \
+                                     {got} vs {}",
+                                    want[0]
+                                );
+                                checked += 1;
+                            }
+                        }
+                    }
+                }
+                assert_eq!(checked, s.c_in * tiles * n * n);
+            }
+        }
     }
 
     /// The AVX-512, AVX2 and baseline builds of the three transforms give the same bits
