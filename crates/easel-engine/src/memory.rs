@@ -367,7 +367,8 @@ fn advice(plan: &Plan, predicted: &MemoryPlan) -> String {
         hints.push("a larger limits.memory_mb (the model itself does not fit)".to_string());
     }
     let optimizer = predicted.part("optimizer");
-    if optimizer * 4 > predicted.peak_bytes() {
+    // Adam's two moments are the least a builtin optimiser with state holds.
+    if optimizer * 4 > predicted.peak_bytes() && plan.optimizer.kind != "adam" {
         hints.push(format!(
             "optimizer \"{}\" holds {} MB: \"adam\" holds far less (or lower optimizer.history)",
             plan.optimizer.kind,
