@@ -36,6 +36,8 @@ struct PoolRecord {
 pub(crate) struct Kept {
     masks: BTreeMap<usize, ReluMask>,
     pools: BTreeMap<usize, PoolRecord>,
+    /// The whole image's size when the pass ran on a window of it (see [`Steps`]).
+    whole: Option<(usize, usize)>,
 }
 
 impl Kept {
@@ -60,6 +62,19 @@ impl CpuLayers {
             Algo::Winograd(Some((&self.kernels, k)))
         } else {
             Algo::Direct
+        }
+    }
+
+    /// `algo` for convolution `k`, with a Winograd tile chosen as for the whole image when the
+    /// pass runs on a window of a `whole`-sized image: the window then computes as the whole
+    /// image does, and its kernels are the ones the cache holds for it.
+    fn as_whole<'s>(algo: Algo<'s>, k: usize, whole: Option<(usize, usize)>) -> Algo<'s> {
+        match (algo, whole) {
+            (Algo::Winograd(cache), Some((height, width))) => {
+                let (_, h, w) = crate::memory::index_shape(CONVS[k].0, height, width);
+                Algo::WinogradAs(cache, (h, w))
+            }
+            (algo, _) => algo,
         }
     }
 
@@ -89,10 +104,14 @@ impl CpuLayers {
                         weight,
                         add.as_ref(),
                         kept.mask(index - 1)?,
-                        self.gradient_algo(k),
+                        Self::as_whole(self.gradient_algo(k), k, kept.whole),
                     )?
                 }
-                Op::Conv(k) => conv::input_grad(&g, &convs[k].weight, self.gradient_algo(k))?,
+                Op::Conv(k) => conv::input_grad(
+                    &g,
+                    &convs[k].weight,
+                    Self::as_whole(self.gradient_algo(k), k, kept.whole),
+                )?,
                 Op::Relu => relu_backward(&g, None, kept.mask(index)?)?,
                 Op::Pool => {
                     // Every pool of VGG-19 follows a ReLU.
@@ -131,7 +150,8 @@ impl<'a> Steps<'a> {
         keep: Keep,
         whole: Option<(usize, usize)>,
     ) -> Self {
-        Self { layers, convs, pooling, kept: (keep == Keep::ForBackward).then(Kept::default), whole }
+        let kept = (keep == Keep::ForBackward).then(|| Kept { whole, ..Kept::default() });
+        Self { layers, convs, pooling, kept, whole }
     }
 
     /// What the pass kept (nothing, unless it was made to keep).
@@ -143,13 +163,7 @@ impl<'a> Steps<'a> {
 impl ForwardSteps for Steps<'_> {
     fn conv(&mut self, k: usize, x: &Tensor, activation: Activation) -> Result<Tensor, VggError> {
         let ConvWeights { weight, bias } = &self.convs[k];
-        let algo = match (self.layers.forward_algo(k), self.whole) {
-            (Algo::Winograd(cache), Some((height, width))) => {
-                let (_, h, w) = crate::memory::index_shape(CONVS[k].0, height, width);
-                Algo::WinogradAs(cache, (h, w))
-            }
-            (algo, _) => algo,
-        };
+        let algo = CpuLayers::as_whole(self.layers.forward_algo(k), k, self.whole);
         conv::forward(x, weight, bias, activation, algo)
     }
 
