@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use easel_config::{ConfigLayers, Plan};
 use easel_core::Registry;
@@ -24,23 +24,16 @@ use crate::claim::{remove_job_dir, ClaimedJob, OUTCOME};
 use crate::config::{sidecar_layer, DaemonConfig};
 use crate::folders::{any_exists, Root};
 use crate::fsops::{is_out_of_space, move_no_clobber, write_durably, Fs, Moved};
+use crate::job_files::{io, until_space, SpaceWait, PLAN, PROVENANCE, RESULT};
 use crate::journal::{crashed_attempts, RunningAttempts, MAX_CRASHES};
 use crate::names::{lossy, numbered_fit, stem, with_extension};
 use crate::status::{JobEnd, StatusBoard};
 use crate::worker::{memory_cap, plan_memory, Finished, Report, WorkerEnd};
 use crate::{JobError, Signals, WorkerCommand};
 
-pub(crate) const PLAN: &str = ".plan.toml";
-pub(crate) const CHECKPOINT: &str = ".checkpoint.safetensors";
 const ERROR: &str = ".error.txt";
-pub(crate) const RESULT: &str = ".result";
-pub(crate) const PROVENANCE: &str = ".result.json";
 /// How often a supervisor looks at the stop flag while its worker runs.
 const STOP_CHECK: Duration = Duration::from_millis(100);
-/// The first wait before a step that failed on a full disk is retried; it doubles up to
-/// [`SPACE_MAX_WAIT`].
-const SPACE_FIRST_WAIT: Duration = Duration::from_millis(500);
-const SPACE_MAX_WAIT: Duration = Duration::from_secs(30);
 
 /// What every supervising thread shares: the root, the plugins, the weights file, how to start
 /// a worker, the current daemon config, the stop flag, the status board, the filesystem calls,
@@ -97,44 +90,6 @@ impl<'r> Shared<'r> {
 
     fn space_wait<'a>(&'a self, job: &'a ClaimedJob) -> SpaceWait<'a> {
         SpaceWait { stop: &self.stop, job: &job.id }
-    }
-}
-
-/// What waiting for disk space needs: the flag that ends the wait, and the job's id for the log.
-pub(crate) struct SpaceWait<'a> {
-    pub stop: &'a AtomicBool,
-    pub job: &'a str,
-}
-
-pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> JobError + '_ {
-    move |source| JobError::Io { path: path.to_path_buf(), source }
-}
-
-/// Runs `op` until it no longer fails for lack of disk space (`is_full`), waiting longer each
-/// time: space may come back at any moment (a user deletes files), and a full disk is no fault
-/// of the job. `Ok(None)` when a stop came while waiting.
-pub(crate) fn until_space<T, E: std::fmt::Display>(
-    wait_for: &SpaceWait<'_>,
-    what: &str,
-    is_full: impl Fn(&E) -> bool,
-    mut op: impl FnMut() -> Result<T, E>,
-) -> Result<Option<T>, E> {
-    let mut wait = SPACE_FIRST_WAIT;
-    loop {
-        match op() {
-            Err(e) if is_full(&e) => {
-                tracing::warn!(job = %wait_for.job, step = what, error = %e, retry_in_s = wait.as_secs_f64(), "waiting for disk space");
-                let until = Instant::now() + wait;
-                while Instant::now() < until {
-                    if wait_for.stop.load(Ordering::SeqCst) {
-                        return Ok(None);
-                    }
-                    std::thread::sleep((until - Instant::now()).min(Duration::from_millis(100)));
-                }
-                wait = (wait * 2).min(SPACE_MAX_WAIT);
-            }
-            other => return other.map(Some),
-        }
     }
 }
 
@@ -411,14 +366,6 @@ fn fail(shared: &Shared<'_>, job: &ClaimedJob, error: &JobError) -> Result<JobEn
         tracing::warn!(job = %job.id, name, reason, "job failed");
     }
     Ok(end)
-}
-
-pub(crate) fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// How a worker process ended without reporting an end: killed by a signal, or exited

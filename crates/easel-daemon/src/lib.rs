@@ -17,6 +17,7 @@ mod error;
 pub mod folders;
 pub mod fsops;
 mod job;
+mod job_files;
 pub mod journal;
 pub mod names;
 pub mod settle;

@@ -32,7 +32,7 @@ use easel_vgg::WeightsFile;
 use serde_json::{json, Value};
 
 use crate::fsops::{is_out_of_space, write_durably, FaultyFs, Fs, RealFs};
-use crate::job::{io, panic_message, until_space, SpaceWait, CHECKPOINT, PLAN, PROVENANCE, RESULT};
+use crate::job_files::{io, panic_message, until_space, SpaceWait, CHECKPOINT, PLAN, PROVENANCE, RESULT};
 use crate::names::lossy;
 use crate::{DaemonError, JobError};
 

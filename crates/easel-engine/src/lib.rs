@@ -8,6 +8,7 @@ pub mod memory;
 mod model;
 mod objective;
 mod run;
+mod terms;
 mod tiled;
 pub mod tiles;
 
@@ -16,6 +17,7 @@ pub use device::{device, device_name};
 pub use error::EngineError;
 pub use image_io::{image_dimensions, load_image, save_image, RgbImage};
 pub use model::ModelSpec;
-pub use objective::{l2_norm, layers_of, LossReport, StyleObjective};
+pub use objective::{l2_norm, LossReport, StyleObjective};
 pub use run::{Progress, StyleRun};
+pub use terms::layers_of;
 pub use tiled::evaluation_work;

@@ -13,7 +13,7 @@ use easel_vgg::memory::{
     evaluation_bytes, forward_bytes, kernel_cache_bytes, layer_shape, weights_bytes, Pass,
 };
 
-use crate::objective::layers_of;
+use crate::terms::{layers_of, untileable};
 use crate::{EngineError, ModelSpec};
 
 const MB: u64 = 1 << 20;
@@ -151,6 +151,26 @@ pub(crate) fn window_of(layers: &[LayerId], height: usize, width: usize, step: u
     let deepest = layers.iter().copied().max().unwrap_or(LayerId::Pixels);
     let side = step as usize + 2 * crate::tiles::halo(deepest);
     (height.min(side), width.min(side))
+}
+
+/// The tile size of the passes that run forward only (the global losses' statistics, the
+/// reference images' features): a forward pass takes less memory than an evaluation, so its
+/// windows may be larger within what an evaluation's window of `step` takes, and fewer
+/// halos are computed. A multiple of `step`'s alignment, at least `step`.
+pub(crate) fn forward_step(layers: &[LayerId], height: usize, width: usize, step: usize) -> usize {
+    let window = |s: usize| window_of(layers, height, width, s as u32);
+    let (h, w) = window(step);
+    let limit = evaluation_part(layers, h, w);
+    let mut s = step;
+    // Beyond the longest side a larger step changes nothing.
+    while s < height.max(width) {
+        let (h, w) = window(s + crate::tiles::STEP_ALIGN);
+        if forward_part(layers, h, w) > limit {
+            break;
+        }
+        s += crate::tiles::STEP_ALIGN;
+    }
+    s
 }
 
 /// Predicts the peak of a job of `plan` on a model of `spec`, for a content image of
@@ -320,7 +340,7 @@ pub fn fit(
     let whole = first;
     // A size whose image-sized parts fit beside the rest, in the smallest tiles if it may be cut.
     let mut advice = advice(plan, &least);
-    let blockers = crate::tiled::untileable(&plan.losses);
+    let blockers = untileable(&plan.losses);
     if !blockers.is_empty() {
         advice.push_str(&format!(
             "; the {} loss cannot be evaluated in tiles, which would let a larger image fit",
@@ -360,7 +380,7 @@ fn shrink_state(
 
 /// Whether every loss of `plan` can be evaluated in tiles.
 fn tileable(plan: &Plan) -> bool {
-    crate::tiled::untileable(&plan.losses).is_empty()
+    untileable(&plan.losses).is_empty()
 }
 
 /// What to change when a job does not fit: a smaller `run.size` that would, and the
@@ -508,5 +528,28 @@ mod tests {
         plan.run.size = 16384;
         let tiled = fit(&mut plan, &spec, (4000, 3000), &[(800, 600)], 64 << 30).expect("tiles fit");
         assert!(tiled.tile_size.is_some() && tiled.fits(), "{tiled:?}");
+    }
+
+    #[test]
+    fn forward_tiles_are_larger_within_an_evaluation_window_s_memory() {
+        let layers = [
+            LayerId::Relu1_1,
+            LayerId::Relu2_1,
+            LayerId::Relu3_1,
+            LayerId::Relu4_1,
+            LayerId::Relu4_2,
+            LayerId::Relu5_1,
+        ];
+        for (height, width, step) in [(3072, 4096, 576), (315, 421, 64), (768, 1024, 448)] {
+            let forward = forward_step(&layers, height, width, step);
+            assert!(forward >= step && forward.is_multiple_of(crate::tiles::STEP_ALIGN), "{forward}");
+            let (h, w) = window_of(&layers, height, width, forward as u32);
+            let (eh, ew) = window_of(&layers, height, width, step as u32);
+            assert!(forward_part(&layers, h, w) <= evaluation_part(&layers, eh, ew));
+        }
+        // An evaluation keeps about 1.75 times a forward pass's bytes per pixel: windows a
+        // third wider.
+        assert_eq!(forward_step(&layers, 3072, 4096, 576), 768);
+        assert_eq!(forward_step(&layers, 315, 421, 64), 128);
     }
 }

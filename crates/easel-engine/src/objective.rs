@@ -1,11 +1,12 @@
 //! The style-transfer objective: weighted losses on VGG-19 features, and its pixel gradient.
 
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 use easel_config::WeightedLoss;
-use easel_core::sums::{scalar_f64, sum_dtype, sum_of_squares};
-use easel_core::{CoreError, FeatureMaps, LayerId, Objective};
+use easel_core::sums::sum_of_squares;
+use easel_core::{CoreError, LayerId, Objective};
 use easel_vgg::Vgg19;
 
+use crate::terms::{layers_of, value_and_layer_grads};
 use crate::EngineError;
 
 /// Sum of `weight * loss` over the configured losses, as a function of the pixel image.
@@ -27,65 +28,9 @@ pub struct LossReport {
     pub grad_l2: f64,
 }
 
-/// Every layer any of `losses` reads, in forward order.
-pub fn layers_of(losses: &[WeightedLoss]) -> Vec<LayerId> {
-    let mut layers: Vec<LayerId> = losses.iter().flat_map(|l| l.loss.layers()).collect();
-    layers.sort_unstable();
-    layers.dedup();
-    layers
-}
-
 /// The L2 norm of a tensor, accumulated in the device's sum type (f64 but on Metal).
 pub fn l2_norm(t: &Tensor) -> Result<f64, CoreError> {
     Ok(sum_of_squares(t)?.sqrt())
-}
-
-/// Value of `sum_i scale_i * loss_i` over the given features, and its gradient w.r.t. each
-/// layer it reads.
-pub(crate) fn value_and_layer_grads(
-    device: &candle_core::Device,
-    features: &FeatureMaps,
-    terms: &[(&WeightedLoss, f64)],
-) -> Result<(f64, Vec<(LayerId, Tensor)>), EngineError> {
-    let mut value = 0.0;
-    let mut layer_grads: Vec<(LayerId, Tensor)> = Vec::new();
-    let mut autograd_terms = Vec::new();
-    for &(loss, scale) in terms {
-        match loss.loss.value_and_grad(features) {
-            Some(result) => {
-                let (v, grads) = result?;
-                value += scale * v;
-                for (layer, g) in grads {
-                    layer_grads.push((layer, (g * scale)?));
-                }
-            }
-            None => autograd_terms.push((loss, scale)),
-        }
-    }
-    if !autograd_terms.is_empty() {
-        // The layers these losses read become leaf variables so candle differentiates the
-        // losses only; the gradient then goes back through VGG-19 by the hand-written pass.
-        let mut vars = Vec::new();
-        let mut leaves = FeatureMaps::new();
-        let wanted: Vec<LayerId> = autograd_terms.iter().flat_map(|(l, _)| l.loss.layers()).collect();
-        for (layer, tensor) in features.iter().filter(|(l, _)| wanted.contains(l)) {
-            let var = Var::from_tensor(tensor)?;
-            leaves.insert(layer, var.as_tensor().clone());
-            vars.push((layer, var));
-        }
-        let mut total = Tensor::zeros((), sum_dtype(device), device)?;
-        for (loss, scale) in autograd_terms {
-            total = (total + (loss.loss.evaluate(&leaves)? * scale)?)?;
-        }
-        let grads = total.backward()?;
-        value += scalar_f64(&total)?;
-        for (layer, var) in &vars {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                layer_grads.push((*layer, g.clone()));
-            }
-        }
-    }
-    Ok((value, layer_grads))
 }
 
 impl<'a> StyleObjective<'a> {

@@ -8,7 +8,8 @@ use easel_vgg::Vgg19;
 use crate::checkpoint::Checkpoint;
 use crate::image_io::{self, from_tensor, resize_exact, resize_longest, to_tensor, RgbImage};
 use crate::memory::{self, MemoryPlan};
-use crate::objective::{layers_of, StyleObjective};
+use crate::objective::StyleObjective;
+use crate::terms::layers_of;
 use crate::tiled;
 use crate::{EngineError, ModelSpec};
 

@@ -18,34 +18,10 @@ use easel_core::{FeatureMaps, LayerId, References, StyleReference, StyleStatisti
 use easel_vgg::memory::{evaluation_flops, layer_shape};
 use easel_vgg::Vgg19;
 
-use crate::memory;
-use crate::objective::value_and_layer_grads;
-use crate::tiles::{cut, TileCut, STEP_ALIGN};
+use crate::memory::forward_step;
+use crate::terms::{pixels_only, tiled_layers, value_and_layer_grads};
+use crate::tiles::{cut, TileCut};
 use crate::EngineError;
-
-/// Whether `loss` reads the pixels only: such losses are evaluated on the whole image, which is
-/// in memory anyway.
-fn pixels_only(loss: &WeightedLoss) -> bool {
-    loss.loss.layers().iter().all(|&l| l == LayerId::Pixels)
-}
-
-/// The layers (pixels excluded) the losses evaluated in tiles read, in forward order.
-fn tiled_layers<'l>(losses: impl Iterator<Item = &'l WeightedLoss>) -> Vec<LayerId> {
-    let mut layers: Vec<LayerId> =
-        losses.flat_map(|l| l.loss.layers()).filter(|&l| l != LayerId::Pixels).collect();
-    layers.sort_unstable();
-    layers.dedup();
-    layers
-}
-
-/// The losses that stop a job from being evaluated in tiles (by `kind`), if any.
-pub fn untileable(losses: &[WeightedLoss]) -> Vec<&'static str> {
-    losses
-        .iter()
-        .filter(|l| !pixels_only(l) && l.loss.tiling() == Tiling::Unsupported)
-        .map(|l| l.kind)
-        .collect()
-}
 
 /// The convolutions' work (FLOPs) of one evaluation of `losses` on a `height x width` image,
 /// whole or in tiles of `tile_step` pixels: each tile's window runs forward and back, and
@@ -56,7 +32,7 @@ pub fn evaluation_work(
     width: usize,
     tile_step: Option<usize>,
 ) -> u64 {
-    let layers = crate::layers_of(losses);
+    let layers = crate::terms::layers_of(losses);
     let Some(step) = tile_step else { return evaluation_flops(&layers, height, width) };
     let global = losses.iter().any(|l| !pixels_only(l) && l.loss.tiling() == Tiling::Global);
     cut(height, width, step, &tiled_layers(losses.iter()))
@@ -71,26 +47,6 @@ pub fn evaluation_work(
             }
         })
         .sum()
-}
-
-/// The tile size of the passes that run forward only (the global losses' statistics, the
-/// reference images' features): a forward pass takes less memory than an evaluation, so its
-/// windows may be larger within what an evaluation's window of `step` takes, and fewer
-/// halos are computed. A multiple of `step`'s alignment, at least `step`.
-fn forward_step(layers: &[LayerId], height: usize, width: usize, step: usize) -> usize {
-    let window = |s: usize| memory::window_of(layers, height, width, s as u32);
-    let (h, w) = window(step);
-    let limit = memory::evaluation_part(layers, h, w);
-    let mut s = step;
-    // Beyond the longest side a larger step changes nothing.
-    while s < height.max(width) {
-        let (h, w) = window(s + STEP_ALIGN);
-        if memory::forward_part(layers, h, w) > limit {
-            break;
-        }
-        s += STEP_ALIGN;
-    }
-    s
 }
 
 /// The window of `tile` out of `image` (`[1, 3, H, W]`), contiguous.
@@ -342,32 +298,4 @@ fn assemble(
         maps.insert(layer, Tensor::from_vec(whole, (1, c, h, w), &Device::Cpu)?.to_device(image.device())?);
     }
     Ok(maps)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn forward_tiles_are_larger_within_an_evaluation_window_s_memory() {
-        let layers = [
-            LayerId::Relu1_1,
-            LayerId::Relu2_1,
-            LayerId::Relu3_1,
-            LayerId::Relu4_1,
-            LayerId::Relu4_2,
-            LayerId::Relu5_1,
-        ];
-        for (height, width, step) in [(3072, 4096, 576), (315, 421, 64), (768, 1024, 448)] {
-            let forward = forward_step(&layers, height, width, step);
-            assert!(forward >= step && forward.is_multiple_of(STEP_ALIGN), "{forward}");
-            let (h, w) = memory::window_of(&layers, height, width, forward as u32);
-            let (eh, ew) = memory::window_of(&layers, height, width, step as u32);
-            assert!(memory::forward_part(&layers, h, w) <= memory::evaluation_part(&layers, eh, ew));
-        }
-        // An evaluation keeps about 1.75 times a forward pass's bytes per pixel: windows a
-        // third wider.
-        assert_eq!(forward_step(&layers, 3072, 4096, 576), 768);
-        assert_eq!(forward_step(&layers, 315, 421, 64), 128);
-    }
 }
