@@ -107,6 +107,23 @@ pub fn gram_matrix_wide(features: &Tensor) -> Result<Tensor, CoreError> {
     Ok((g / m as f64)?)
 }
 
+/// `A = sum_s w_s G_s / sum_s w_s`: the style images' Gram matrices blended by their weights,
+/// added in the order given. `grams` holds one matrix and weight per style image, at least one.
+fn blend(grams: Vec<(Tensor, f64)>) -> Result<Tensor, CoreError> {
+    let total_weight: f64 = grams.iter().map(|(_, w)| w).sum();
+    let mut blend: Option<Tensor> = None;
+    for (g, w) in grams {
+        let g = (g * (w / total_weight))?;
+        blend = Some(match blend {
+            Some(b) => (b + g)?,
+            None => g,
+        });
+    }
+    let blend = blend
+        .ok_or_else(|| CoreError::MissingReference("the gram loss needs at least one style image".into()))?;
+    Ok(blend.detach())
+}
+
 /// `F F^T / m` over the columns of `features` (`[1, N, h, w]`), in the sum type: a tile's
 /// share of the whole map's Gram matrix when `m` is the whole map's positions.
 fn gram_share(features: &Tensor, m: usize) -> Result<Tensor, CoreError> {
@@ -164,18 +181,14 @@ impl Loss for GramLoss {
         if references.styles.is_empty() {
             return Err(CoreError::MissingReference("the gram loss needs at least one style image".into()));
         }
-        let total_weight: f64 = references.styles.iter().map(|s| s.weight).sum();
         let mut targets = Vec::with_capacity(self.layers.len());
         for &layer in &self.layers {
-            let mut blend: Option<Tensor> = None;
-            for style in references.styles {
-                let g = (gram_matrix_wide(style.features.get(layer)?)? * (style.weight / total_weight))?;
-                blend = Some(match blend {
-                    Some(b) => (b + g)?,
-                    None => g,
-                });
-            }
-            targets.extend(blend.map(|b| b.detach()));
+            let grams = references
+                .styles
+                .iter()
+                .map(|style| Ok((gram_matrix_wide(style.features.get(layer)?)?, style.weight)))
+                .collect::<Result<Vec<_>, CoreError>>()?;
+            targets.push(blend(grams)?);
         }
         self.targets = targets;
         Ok(())
@@ -238,21 +251,18 @@ impl Loss for GramLoss {
         if styles.is_empty() {
             return Err(CoreError::MissingReference("the gram loss needs at least one style image".into()));
         }
-        let total_weight: f64 = styles.iter().map(|s| s.weight).sum();
         let mut targets = Vec::with_capacity(self.layers.len());
         for index in 0..self.layers.len() {
-            let mut blend: Option<Tensor> = None;
-            for style in styles {
-                let g = style.statistics.get(index).ok_or_else(|| {
-                    CoreError::MissingReference(format!("style statistics have no entry for layer {index}"))
-                })?;
-                let g = (g * (style.weight / total_weight))?;
-                blend = Some(match blend {
-                    Some(b) => (b + g)?,
-                    None => g,
-                });
-            }
-            targets.extend(blend.map(|b| b.detach()));
+            let grams = styles
+                .iter()
+                .map(|style| match style.statistics.get(index) {
+                    Some(g) => Ok((g.clone(), style.weight)),
+                    None => Err(CoreError::MissingReference(format!(
+                        "style statistics have no entry for layer {index}"
+                    ))),
+                })
+                .collect::<Result<Vec<_>, CoreError>>()?;
+            targets.push(blend(grams)?);
         }
         self.targets = targets;
         Ok(())
