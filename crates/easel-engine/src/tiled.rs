@@ -16,7 +16,7 @@ use candle_core::{Device, Tensor};
 use easel_config::WeightedLoss;
 use easel_core::{FeatureMaps, LayerId, References, StyleReference, StyleStatistics, Tile, Tiling};
 use easel_vgg::memory::{evaluation_flops, layer_shape};
-use easel_vgg::Vgg19;
+use easel_vgg::{Trace, Vgg19};
 
 use crate::memory::forward_step;
 use crate::terms::{pixels_only, tiled_layers, value_and_layer_grads};
@@ -25,7 +25,8 @@ use crate::EngineError;
 
 /// The convolutions' work (FLOPs) of one evaluation of `losses` on a `height x width` image,
 /// whole or in tiles of `tile_step` pixels: each tile's window runs forward and back, and
-/// forward once more before that when a global loss needs its statistics.
+/// when a global loss needs its statistics, the image runs forward once more before that, in
+/// the larger windows of [`forward_step`].
 pub fn evaluation_work(
     losses: &[WeightedLoss],
     height: usize,
@@ -34,19 +35,17 @@ pub fn evaluation_work(
 ) -> u64 {
     let layers = crate::terms::layers_of(losses);
     let Some(step) = tile_step else { return evaluation_flops(&layers, height, width) };
+    let tiled = tiled_layers(losses.iter());
+    // evaluation_flops counts the forward pass and the input gradients alike.
+    let work = |step: usize, share: u64| -> u64 {
+        cut(height, width, step, &tiled)
+            .iter()
+            .map(|tile| evaluation_flops(&layers, tile.rows.len(), tile.cols.len()) / share)
+            .sum()
+    };
     let global = losses.iter().any(|l| !pixels_only(l) && l.loss.tiling() == Tiling::Global);
-    cut(height, width, step, &tiled_layers(losses.iter()))
-        .iter()
-        .map(|tile| {
-            let both = evaluation_flops(&layers, tile.rows.len(), tile.cols.len());
-            // evaluation_flops counts the forward pass and the input gradients alike.
-            if global {
-                both + both / 2
-            } else {
-                both
-            }
-        })
-        .sum()
+    let statistics = if global { work(forward_step(&tiled, height, width, step), 2) } else { 0 };
+    work(step, 1) + statistics
 }
 
 /// The window of `tile` out of `image` (`[1, 3, H, W]`), contiguous.
@@ -105,39 +104,25 @@ pub(crate) fn total(
     let mut value = 0.0;
 
     // First pass: the global losses' statistics, summed over the tiles (`totals[i]` for the
-    // i-th tiled term; empty for local ones). The last tile is run as the second pass needs it,
-    // and kept: the second pass starts with it, from the end.
-    let global_layers =
-        tiled_layers(tiled_terms.iter().zip(&is_global).filter(|(_, &g)| g).map(|((l, _), _)| *l));
+    // i-th tiled term; empty for local ones). With the same cut as the second pass, the last
+    // tile is run as that pass needs it, and kept: the second pass starts with it.
+    let global: Vec<usize> = (0..tiled_terms.len()).filter(|&i| is_global[i]).collect();
     let mut totals: Vec<Vec<Tensor>> = vec![Vec::new(); tiled_terms.len()];
     let mut kept = None;
-    if !global_layers.is_empty() {
+    if !global.is_empty() {
+        let losses: Vec<&WeightedLoss> = global.iter().map(|&i| tiled_terms[i].0).collect();
         let first_step = forward_step(&layers, height, width, step);
-        let first_tiles =
-            if first_step == step { tiles.clone() } else { cut(height, width, first_step, &layers) };
-        for (i, tile) in first_tiles.iter().enumerate() {
-            // With the same cut, the last tile runs as the second pass needs it.
-            let keep = first_step == step && i + 1 == first_tiles.len();
-            let (features, trace) = if keep {
-                let (features, trace) =
-                    vgg.forward_traced_window(&window(x, tile)?, &layers, (height, width))?;
-                (features, Some(trace))
-            } else {
-                (vgg.forward_window(&window(x, tile)?, &global_layers, (height, width))?, None)
-            };
-            let own = own(&features, tile)?;
-            let view = Tile { features: &own, placements: &tile.placements };
-            for (((loss, _), sums), _) in
-                tiled_terms.iter().zip(&mut totals).zip(&is_global).filter(|(_, &g)| g)
-            {
-                accumulate(loss.kind, sums, loss.loss.tile_statistics(&view)?)?;
-            }
-            kept = trace.map(|trace| (features, trace));
+        let (sums, last) = if first_step == step {
+            statistics(vgg, x, &losses, &tiles, Some(&layers))?
+        } else {
+            statistics(vgg, x, &losses, &cut(height, width, first_step, &layers), None)?
+        };
+        for (&i, sums) in global.iter().zip(sums) {
+            let (loss, scale) = tiled_terms[i];
+            value += scale * loss.loss.value_from_statistics(&sums)?;
+            totals[i] = sums;
         }
-        for (((loss, scale), sums), _) in tiled_terms.iter().zip(&totals).zip(&is_global).filter(|(_, &g)| g)
-        {
-            value += scale * loss.loss.value_from_statistics(sums)?;
-        }
+        kept = last;
     }
 
     // Second pass: each tile's own gradient, back-propagated through its window.
@@ -216,6 +201,42 @@ fn accumulate(kind: &str, sums: &mut Vec<Tensor>, shares: Vec<Tensor>) -> Result
     Ok(())
 }
 
+/// A window's features and the trace its backward pass needs.
+type Traced = (FeatureMaps, Trace);
+
+/// Each of the global `losses`' statistics of `image`, summed over `tiles` (one forward pass
+/// per tile for all of them). With `traced` (the layers a gradient pass reads), the last tile
+/// is run with its trace, which is returned with its features for that pass.
+fn statistics(
+    vgg: &Vgg19,
+    image: &Tensor,
+    losses: &[&WeightedLoss],
+    tiles: &[TileCut],
+    traced: Option<&[LayerId]>,
+) -> Result<(Vec<Vec<Tensor>>, Option<Traced>), EngineError> {
+    let (_, _, height, width) = image.dims4()?;
+    let layers = tiled_layers(losses.iter().copied());
+    let mut sums: Vec<Vec<Tensor>> = vec![Vec::new(); losses.len()];
+    let mut kept = None;
+    for (i, tile) in tiles.iter().enumerate() {
+        let window = window(image, tile)?;
+        let (features, trace) = match traced.filter(|_| i + 1 == tiles.len()) {
+            Some(traced) => {
+                let (features, trace) = vgg.forward_traced_window(&window, traced, (height, width))?;
+                (features, Some(trace))
+            }
+            None => (vgg.forward_window(&window, &layers, (height, width))?, None),
+        };
+        let own = own(&features, tile)?;
+        let view = Tile { features: &own, placements: &tile.placements };
+        for (loss, sums) in losses.iter().zip(&mut sums) {
+            accumulate(loss.kind, sums, loss.loss.tile_statistics(&view)?)?;
+        }
+        kept = trace.map(|trace| (features, trace));
+    }
+    Ok((sums, kept))
+}
+
 /// Builds every loss's targets for the current scale from the reference images, tile by tile
 /// with tiles of `step` pixels: local losses from the content image's features of their
 /// layers (assembled whole from the tiles' own parts), global ones from each style image's
@@ -241,31 +262,32 @@ pub(crate) fn prepare(
         })
         .collect();
     let references = References { content: &content_maps, styles: &pixel_styles };
-    for loss in losses.iter_mut() {
-        match loss.loss.tiling() {
-            Tiling::Global if !pixels_only(loss) => {
-                let layers = tiled_layers(std::iter::once(&*loss));
-                let mut statistics = Vec::with_capacity(styles.len());
-                for (image, weight) in styles {
-                    let (_, _, height, width) = image.dims4()?;
-                    let mut sums = Vec::new();
-                    let step = forward_step(&layers, height, width, step);
-                    for tile in cut(height, width, step, &layers) {
-                        let features =
-                            vgg.forward_window(&window(image, &tile)?, &layers, (height, width))?;
-                        let own = own(&features, &tile)?;
-                        accumulate(
-                            loss.kind,
-                            &mut sums,
-                            loss.loss
-                                .tile_statistics(&Tile { features: &own, placements: &tile.placements })?,
-                        )?;
-                    }
-                    statistics.push(StyleStatistics { statistics: sums, weight: *weight });
-                }
+    // The global losses' targets: each style image's statistics for all of them, from one
+    // forward pass per tile.
+    let global: Vec<usize> = (0..losses.len())
+        .filter(|&i| !pixels_only(&losses[i]) && losses[i].loss.tiling() == Tiling::Global)
+        .collect();
+    let mut statistics_of: Vec<Vec<StyleStatistics>> = vec![Vec::with_capacity(styles.len()); global.len()];
+    if !global.is_empty() {
+        let globals: Vec<&WeightedLoss> = global.iter().map(|&i| &losses[i]).collect();
+        let layers = tiled_layers(globals.iter().copied());
+        for (image, weight) in styles {
+            let (_, _, height, width) = image.dims4()?;
+            let tiles = cut(height, width, forward_step(&layers, height, width, step), &layers);
+            let (sums, _) = statistics(vgg, image, &globals, &tiles, None)?;
+            for (of, statistics) in statistics_of.iter_mut().zip(sums) {
+                of.push(StyleStatistics { statistics, weight: *weight });
+            }
+        }
+    }
+    let mut statistics_of = statistics_of.into_iter();
+    for (i, loss) in losses.iter_mut().enumerate() {
+        match global.contains(&i) {
+            true => {
+                let statistics = statistics_of.next().unwrap_or_default();
                 loss.loss.prepare_from_statistics(&statistics)?;
             }
-            _ => loss.loss.prepare(&references)?,
+            false => loss.loss.prepare(&references)?,
         }
     }
     Ok(())
