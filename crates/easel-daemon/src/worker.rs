@@ -302,7 +302,10 @@ pub(crate) fn plan_memory(
     let content = image_dimensions(path, &plan.limits).map_err(|e| named(e, name))?;
     let styles: Vec<(u32, u32)> =
         plan.styles.iter().map(|s| image_dimensions(&s.path, &plan.limits)).collect::<Result<_, _>>()?;
-    plan.limits.memory_mb = budget >> 20;
+    // Whole MiB, as `StyleRun::new` plans the job again from `memory_mb`: the two must agree.
+    // (At least 1: 0 would mean "75% of what is available".)
+    plan.limits.memory_mb = (budget >> 20).max(1);
+    let budget = memory::budget_bytes(&plan.limits);
     let spec = ModelSpec::of(plan);
     Ok(memory::fit(plan, &spec, content, &styles, budget)?)
 }
