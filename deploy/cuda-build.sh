@@ -199,19 +199,11 @@ build_tests() {
   started=$(date +%s)
   # `--message-format json` names each test executable; cargo's own progress stays on stderr.
   cargo test --release --features cuda --no-run -p easel-engine -p easel-vgg --test golden --test backward \
-    --message-format json "${cargo_args[@]}" |
-    python3 -c '
-import json, sys
-for line in sys.stdin:
-    if not line.startswith("{"):
-        continue
-    message = json.loads(line)
-    if message.get("reason") == "compiler-artifact" and message.get("executable") and message["profile"]["test"]:
-        print(message["executable"])
-' >"$target/cuda-golden-tests.txt"
+    --message-format json "${cargo_args[@]}" | deploy/test-executables.py >"$target/cuda-golden-tests.txt"
   echo "cuda-build: golden test binaries built with CUDA in $(elapsed "$started"); run each with" >&2
   echo "  EASEL_TEST_DEVICE=cuda LD_LIBRARY_PATH=$1 BINARY" >&2
-  echo "  (they read tests/data from the checkout they were built in, $PWD: run them where that path holds it)" >&2
+  echo "  (they read tests/data from the checkout they were built in, $PWD, or from EASEL_TEST_DATA;" >&2
+  echo "  deploy/gpu-check.sh packs them for another machine and runs them there)" >&2
   cat "$target/cuda-golden-tests.txt"
 }
 

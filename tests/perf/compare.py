@@ -14,11 +14,17 @@ JSON line with every raw result.
                           [--winograd deep,all]
                           [--python /work/torch-venv/bin/python] [--easel target/release/easel]
                           [--weights W.safetensors] [--goal 0.8] [--rss-goal-mb 600]
+                          [--device cpu|cuda|cuda:N]
 
 Each mode of --winograd is a separate easel run (`[model] winograd = MODE` in a config file):
 `deep` is easel's default (input gradients, and the forward passes from conv3_1 on, as
 Winograd), `gradients` runs only the input gradients as Winograd, `all` every forward pass
-too, `none` is all direct convolution.
+too, `none` is all direct convolution. On a GPU (`--device cuda`) easel runs candle's ops, which
+ignore `winograd`: run one mode there.
+
+`--device` puts both tools on that device: `[model] device` in easel's config file, `--device`
+for gatys_torch.py (whose timings then synchronise the GPU; easel's do, as every iteration reads
+its loss back). Its JSON adds `gpu_peak_mb`; peak RSS is then host memory only.
 
 Weights default to `easel weights synth --seed 0` written to a temporary folder. The PyTorch
 interpreter defaults to $TORCH_PYTHON, then /work/torch-venv/bin/python, then python3.
@@ -90,6 +96,7 @@ def main():
     ap.add_argument("--only", choices=["easel", "torch"], help="run one tool only")
     ap.add_argument("--goal", type=float, default=0.8, help="target ratio easel/torch")
     ap.add_argument("--rss-goal-mb", type=float, default=600.0, help="target easel peak RSS at 512 px")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where both tools run")
     args = ap.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="easel-compare-")
@@ -102,7 +109,7 @@ def main():
     modes = [m for m in args.winograd.split(",") if m]
     for mode in modes:
         with open(os.path.join(tmp, f"{mode}.toml"), "w") as fh:
-            fh.write(f'[model]\nwinograd = "{mode}"\n')
+            fh.write(f'[model]\nwinograd = "{mode}"\ndevice = "{args.device}"\n')
     results = []
     for size in sizes:
         tools = []
@@ -117,7 +124,7 @@ def main():
             args.python, os.path.join(HERE, "gatys_torch.py"), "--content", args.content,
             "--style", args.style, "--weights", weights, "--size", str(size),
             "--iters", str(args.iters), "--optimizer", "adam", "--style-weight", "1e6",
-            "--tv-weight", "1e-3", "--threads", str(args.threads)]))
+            "--tv-weight", "1e-3", "--threads", str(args.threads), "--device", args.device]))
         best = {}
         # Seconds per evaluation of each tool in each repeat: a repeat runs the tools one after
         # the other, so the ratio within a repeat compares runs minutes apart at most.
@@ -157,7 +164,7 @@ def main():
                   f"{(format(t['other_cpu'], '.2f') if t else '-'):<7} {loss_ratio:10.4f}")
     print(f"goal: ratio <= {args.goal} at 256 and 512 px; easel peak RSS <= {args.rss_goal_mb:.0f} MB at 512 px "
           f"(torch RSS includes its libraries: rss_baseline_mb, ~590 MB here, in its raw JSON)")
-    print(json.dumps(dict(threads=args.threads, iters=args.iters, repeats=args.repeats, weights=weights,
+    print(json.dumps(dict(device=args.device, threads=args.threads, iters=args.iters, repeats=args.repeats, weights=weights,
                           results=[{k: ({kk: vv for kk, vv in v.items() if kk != "raw"} if isinstance(v, dict) else v)
                                     for k, v in r.items()} for r in results],
                           raw=[{k: v["raw"] for k, v in r.items() if isinstance(v, dict)} for r in results])))

@@ -6,9 +6,13 @@ use std::sync::OnceLock;
 
 use easel_vgg::WeightsFile;
 
-/// A file of the project's test data (`tests/data`).
+/// A file of the project's test data: `tests/data` of the checkout the test was built in, or of
+/// the folder `EASEL_TEST_DATA` names, for a test binary carried to another machine (a GPU's).
 pub fn data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data").join(name)
+    match std::env::var_os("EASEL_TEST_DATA") {
+        Some(dir) => PathBuf::from(dir).join(name),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data").join(name),
+    }
 }
 
 /// Synthetic VGG-19 weights, seed 0.
