@@ -93,6 +93,11 @@ pub fn bench(args: BenchArgs, registry: &Registry) -> Result<()> {
             "peak_rss_mb_predicted": (job.run.memory().peak_bytes() >> 20),
             "tile_size": job.run.tile_step(),
             "device": easel_engine::device_name(job.run.vgg().device()),
+            // As `model.backend` names them: easel's kernels, or candle's ops.
+            "backend": match job.run.vgg().backend() {
+                easel_vgg::Backend::Cpu => "easel",
+                easel_vgg::Backend::Generic => "candle",
+            },
             "threads": candle_core::utils::get_num_threads(),
             "loss_first": losses.first(),
             "loss_last": losses.last(),

@@ -9,10 +9,13 @@ run's seconds per evaluation over the whole run's (the same pixels, so per pixel
 
     tests/perf/memory.py [--easel target/release/easel] [--weights W.safetensors]
                          [--cases 256:adam:0,1024:adam:700,...] [--lbfgs-history 8]
+                         [--backend auto|candle]
 
 A case is SIZE:OPTIMIZER:BUDGET_MB (0: no limit beyond the machine's). Adam runs 2 timed
 iterations; L-BFGS runs 12 with `history = --lbfgs-history`, so that the history is full by the
-end and its peak is in the measurement. Timings are only as good as the machine is quiet: the
+end and its peak is in the measurement. `--backend candle` runs candle's ops (`model.backend`), the
+path a GPU takes, on the CPU: its model is the GPU's, less the im2col band that candle's CPU
+convolution does not build whole (up to 256 MB; see `easel_vgg::memory`). Timings are only as good as the machine is quiet: the
 load average is printed beside each run. Weights default to `easel weights synth --seed 0`.
 Needs only the standard library.
 """
@@ -44,6 +47,7 @@ def main():
     p.add_argument("--weights")
     p.add_argument("--cases", default=DEFAULT_CASES)
     p.add_argument("--lbfgs-history", type=int, default=8)
+    p.add_argument("--backend", default="auto", choices=["auto", "candle"])
     a = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="easel-memory-")
     weights = a.weights or os.path.join(tmp, "synth0.safetensors")
@@ -56,7 +60,7 @@ def main():
         size, optimizer, budget = case.split(":")
         config = os.path.join(tmp, f"{case.replace(':', '-')}.toml")
         with open(config, "w") as f:
-            f.write(f"[limits]\nmemory_mb = {budget}\n")
+            f.write(f"[limits]\nmemory_mb = {budget}\n[model]\nbackend = \"{a.backend}\"\n")
             if optimizer == "lbfgs":
                 f.write(f"[optimizer]\nhistory = {a.lbfgs_history}\n")
         common = ["--content", f"{data}/content.png", "--style", f"{data}/style.png",
@@ -76,6 +80,7 @@ def main():
         rows.append((size, optimizer, budget, tile, plan["peak_rss_mb"], bench["peak_rss_mb"], s, ratio, load))
         print(json.dumps({"case": case, "plan": plan, "bench": bench, "load": load}), file=sys.stderr)
 
+    print(f"backend: {a.backend}\n")
     print("| size | optimizer | budget MB | tiles | predicted MB | measured MB | error | s/eval | tiled/whole | load |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for size, optimizer, budget, tile, predicted, measured, s, ratio, load in rows:

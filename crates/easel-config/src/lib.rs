@@ -8,8 +8,8 @@ mod plan;
 
 pub use layers::{merge, ConfigLayers, DEFAULT_TOML};
 pub use plan::{
-    DaemonSettings, DeviceChoice, Init, Limits, ModelSettings, NamedOptimizer, OutputFormat, OutputSettings,
-    Plan, RunSettings, StyleSpec, WeightedLoss,
+    BackendChoice, DaemonSettings, DeviceChoice, Init, Limits, ModelSettings, NamedOptimizer, OutputFormat,
+    OutputSettings, Plan, RunSettings, StyleSpec, WeightedLoss,
 };
 
 use easel_core::OptionError;

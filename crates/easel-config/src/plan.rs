@@ -39,6 +39,16 @@ impl std::fmt::Display for DeviceChoice {
     }
 }
 
+/// Which implementation runs the feature stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// easel's own kernels on the CPU, candle's tensor ops on a GPU.
+    Auto,
+    /// candle's tensor ops on any device: on the CPU, the path a GPU takes (slower than
+    /// easel's kernels there), to compare results with or to measure.
+    Candle,
+}
+
 /// Image format of results.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputFormat {
@@ -86,6 +96,7 @@ pub struct ModelSettings {
     /// MiB of transformed Winograd kernels kept across iterations.
     pub kernel_cache_mb: u32,
     pub device: DeviceChoice,
+    pub backend: BackendChoice,
     /// 0: evaluate the image whole if it fits the memory budget, else in tiles of the size the
     /// planner picks; N (a multiple of 64): always in tiles of N pixels.
     pub tile_size: u32,
@@ -242,6 +253,11 @@ fn model_settings(o: &mut Options<'_>) -> ModelSettings {
         kernel_cache_mb: o.integer("kernel_cache_mb", (DEFAULT_KERNEL_CACHE_BYTES >> 20) as u64, 0, 1 << 20)
             as u32,
         device: device(o),
+        backend: o.choice(
+            "backend",
+            BackendChoice::Auto,
+            &[("auto", BackendChoice::Auto), ("candle", BackendChoice::Candle)],
+        ),
         tile_size: tile_size(o),
     }
 }

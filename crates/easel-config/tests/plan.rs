@@ -148,7 +148,7 @@ fn a_typo_in_any_table_gets_a_suggestion() {
     assert_eq!(
         errors,
         [
-            "model.poolng: unknown key; did you mean `pooling`? known keys: device, kernel_cache_mb, pooling, \
+            "model.poolng: unknown key; did you mean `pooling`? known keys: backend, device, kernel_cache_mb, pooling, \
              preprocess, tile_size, weights, winograd",
             "output.jpeg_qualty: unknown key; did you mean `jpeg_quality`? known keys: format, jpeg_quality",
             "rum: unknown key; did you mean `run`? known keys: daemon, limits, loss, model, optimizer, output, \

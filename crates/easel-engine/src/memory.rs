@@ -7,10 +7,11 @@
 //! ([`easel_core::Loss::target_bytes`]). The planner adds them up for the largest scale, so
 //! `easel plan`, the run itself and the daemon use the same numbers.
 
-use easel_config::{DeviceChoice, Limits, Plan};
+use easel_config::{Limits, Plan};
 use easel_core::{Adjustment, LayerId};
 use easel_vgg::memory::{
-    evaluation_bytes, forward_bytes, kernel_cache_bytes, layer_shape, weights_bytes, Pass,
+    evaluation_bytes, forward_bytes, generic_evaluation_bytes, kernel_cache_bytes, layer_shape,
+    weights_bytes, Pass,
 };
 
 use crate::terms::{layers_of, untileable};
@@ -134,14 +135,33 @@ fn available_bytes() -> Option<u64> {
     Some(available)
 }
 
+/// The backends whose working sets a prediction counts ([`ModelSpec::backends`]): easel's CPU
+/// kernels, candle's ops (the generic backend, as a GPU runs them), or either, whichever
+/// takes more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backends {
+    pub cpu: bool,
+    pub generic: bool,
+}
+
+impl Backends {
+    pub const CPU: Backends = Backends { cpu: true, generic: false };
+    pub const GENERIC: Backends = Backends { cpu: false, generic: true };
+}
+
 /// What one evaluation of `layers` on a `height x width` image (or tile window) is predicted
-/// to take beyond the weights and the kernel cache.
-pub fn evaluation_part(layers: &[LayerId], height: usize, width: usize) -> u64 {
-    (evaluation_bytes(layers, height, width) as f64 * EVALUATION_OVERHEAD) as u64
+/// to take beyond the weights and the kernel cache, on the larger of `backends`.
+///
+/// On a GPU this is device memory; on a Jetson, whose GPU shares the board's memory, it is the
+/// same memory as the rest of the plan, and the budget holds it all.
+pub fn evaluation_part(backends: Backends, layers: &[LayerId], height: usize, width: usize) -> u64 {
+    let cpu = if backends.cpu { evaluation_bytes(layers, height, width) } else { 0 };
+    let generic = if backends.generic { generic_evaluation_bytes(layers, height, width) } else { 0 };
+    (cpu.max(generic) as f64 * EVALUATION_OVERHEAD) as u64
 }
 
 /// What a forward pass alone of `layers` on a `height x width` image (or window) is predicted
-/// to take, as [`evaluation_part`] for an evaluation.
+/// to take on the CPU backend, as [`evaluation_part`] for an evaluation.
 pub fn forward_part(layers: &[LayerId], height: usize, width: usize) -> u64 {
     (forward_bytes(layers, height, width) as f64 * EVALUATION_OVERHEAD) as u64
 }
@@ -157,10 +177,13 @@ pub(crate) fn window_of(layers: &[LayerId], height: usize, width: usize, step: u
 /// reference images' features): a forward pass takes less memory than an evaluation, so its
 /// windows may be larger within what an evaluation's window of `step` takes, and fewer
 /// halos are computed. A multiple of `step`'s alignment, at least `step`.
+///
+/// Counted on the CPU backend's model: the generic backend's forward pass takes one
+/// convolution band more, and its evaluation a whole trace more, so the bound holds there too.
 pub(crate) fn forward_step(layers: &[LayerId], height: usize, width: usize, step: usize) -> usize {
     let window = |s: usize| window_of(layers, height, width, s as u32);
     let (h, w) = window(step);
-    let limit = evaluation_part(layers, h, w);
+    let limit = evaluation_part(Backends::CPU, layers, h, w);
     let mut s = step;
     // Beyond the longest side a larger step changes nothing.
     while s < height.max(width) {
@@ -226,9 +249,9 @@ pub fn predict_with(
         passes.push(Pass::Forward { height: ch, width: cw });
         passes.push(Pass::Backward { height: ch, width: cw });
     }
-    // The kernel cache is the CPU backend's (under `auto`, the CPU is assumed: a GPU takes the
-    // model's memory off the host).
-    let cache = if !matches!(spec.device, DeviceChoice::Cuda(_) | DeviceChoice::Metal(_)) {
+    let backends = spec.backends();
+    // The kernel cache is the CPU backend's.
+    let cache = if backends.cpu {
         kernel_cache_bytes(spec.deepest, spec.winograd, u64::from(spec.kernel_cache_mb) * MB, &passes)
     } else {
         0
@@ -243,7 +266,7 @@ pub fn predict_with(
         .sum();
     let elements = 3 * u64::from(width) * u64::from(height);
     let (eh, ew) = evaluated(h, w);
-    let evaluation = Part { name: "evaluation", bytes: evaluation_part(&layers, eh, ew) };
+    let evaluation = Part { name: "evaluation", bytes: evaluation_part(backends, &layers, eh, ew) };
     let image = Part { name: "image", bytes: image_bytes(width, height) };
     let gradient = Part { name: "gradient", bytes: image_bytes(width, height) };
     let previews = if plan.run.save_every > 0 { image_bytes(width, height) } else { 0 };
@@ -253,7 +276,8 @@ pub fn predict_with(
     let inputs = std::iter::once(content).chain(styles.iter().copied()).map(|(w, h)| image_bytes(w, h)).sum();
     let mut parts = vec![
         Part { name: "runtime", bytes: RUNTIME_BYTES },
-        Part { name: "weights", bytes: weights_bytes(spec.deepest) },
+        // The generic backend keeps a flipped copy of each kernel for the input gradients.
+        Part { name: "weights", bytes: weights_bytes(spec.deepest) * if backends.generic { 2 } else { 1 } },
         Part { name: "kernel_cache", bytes: cache },
         Part { name: "inputs", bytes: inputs },
         Part { name: "targets", bytes: plan.losses.iter().map(|l| l.loss.target_bytes(&shape)).sum() },
@@ -544,7 +568,7 @@ mod tests {
             assert!(forward >= step && forward.is_multiple_of(crate::tiles::STEP_ALIGN), "{forward}");
             let (h, w) = window_of(&layers, height, width, forward as u32);
             let (eh, ew) = window_of(&layers, height, width, step as u32);
-            assert!(forward_part(&layers, h, w) <= evaluation_part(&layers, eh, ew));
+            assert!(forward_part(&layers, h, w) <= evaluation_part(Backends::CPU, &layers, eh, ew));
         }
         // An evaluation keeps about 1.75 times a forward pass's bytes per pixel: windows a
         // third wider.

@@ -207,7 +207,9 @@ impl StyleRun {
         if self.plan.model.tile_size > 0 {
             return Some(step);
         }
-        let whole = memory::evaluation_part(&layers_of(&self.plan.losses), height as usize, width as usize);
+        let backends = ModelSpec::of(&self.plan).backends();
+        let whole =
+            memory::evaluation_part(backends, &layers_of(&self.plan.losses), height as usize, width as usize);
         (whole > self.memory.evaluation_bytes).then_some(step)
     }
 

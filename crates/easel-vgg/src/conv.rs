@@ -299,7 +299,7 @@ mod tests {
                 (random((c_out, c_in, 3, 3), 100 + i as u64) * (1.0 / (9.0 * c_in as f64).sqrt())).unwrap();
             let b = random((1, c_out, 1, 1), 200 + i as u64);
             let fast = forward(&x, &k, &b, Activation::Identity, algo(winograd)).unwrap();
-            let slow = generic::forward(&x, &k, &b).unwrap();
+            let slow = generic::forward(&x, &k, &b, Activation::Identity).unwrap();
             assert_eq!(fast.dims(), slow.dims());
             let err = rel_err(&fast, &slow);
             assert!(err < tol, "winograd {winograd} {c_in}->{c_out} at {h}x{w}: relative error {err}");
@@ -354,14 +354,14 @@ mod tests {
         let b = random((1, 4, 1, 1), 9);
         let err = rel_err(
             &forward(&x, &k, &b, Activation::Identity, Algo::Direct).unwrap(),
-            &generic::forward(&x, &k, &b).unwrap(),
+            &generic::forward(&x, &k, &b, Activation::Identity).unwrap(),
         );
         assert!(err < 1e-5, "batch of 2: {err}");
         // A transposed (non-contiguous) input is made contiguous first.
         let xt = random((1, 8, 5, 6), 10).transpose(2, 3).unwrap();
         let err = rel_err(
             &forward(&xt, &k, &b, Activation::Identity, Algo::Direct).unwrap(),
-            &generic::forward(&xt, &k, &b).unwrap(),
+            &generic::forward(&xt, &k, &b, Activation::Identity).unwrap(),
         );
         assert!(err < 1e-5, "transposed input: {err}");
     }
@@ -395,7 +395,7 @@ mod accuracy {
             let exact =
                 x.to_dtype(DType::F64).unwrap().conv2d(&k.to_dtype(DType::F64).unwrap(), 1, 1, 1, 1).unwrap();
             let ours = distance(&forward(&x, &k, &b, Activation::Identity, Algo::Direct).unwrap(), &exact);
-            let candle = distance(&generic::forward(&x, &k, &b).unwrap(), &exact);
+            let candle = distance(&generic::forward(&x, &k, &b, Activation::Identity).unwrap(), &exact);
             assert!(ours <= candle * 1.05, "{c_in}->{c_out}: fast {ours:.3e} vs candle {candle:.3e}");
         }
     }

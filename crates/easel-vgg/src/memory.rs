@@ -4,13 +4,15 @@
 
 use easel_core::LayerId;
 
+use crate::conv::generic::BAND_SCRATCH_BYTES;
 use crate::conv::{winograd_kernel_bytes, Winograd};
 use crate::stack::{op, Op};
 use crate::CONVS;
 
 const F32: u64 = 4;
 
-/// Bytes of the convolution weights (f32) a model loaded to `depth` holds.
+/// Bytes of the convolution weights (f32) a model loaded to `depth` holds on the CPU backend;
+/// the generic backend holds them twice, the second time flipped for the input gradients.
 pub fn weights_bytes(depth: LayerId) -> u64 {
     let last = depth.features_index().unwrap_or(0);
     CONVS
@@ -82,6 +84,51 @@ pub fn forward_bytes(layers: &[LayerId], height: usize, width: usize) -> u64 {
     let widest = shapes(height, width, last).iter().map(|&(c, h, w)| (c * h * w) as u64).max().unwrap_or(0);
     let requested: u64 = layers.iter().map(|&l| layer_elements(l, height, width)).sum();
     F32 * (requested + 2 * widest)
+}
+
+/// Widest activations a step of the generic backend's backward pass holds beside its trace: a
+/// max pool's backward builds its input's copy, window corners, masks, their products and
+/// their interleaving as whole tensors (see `pool::generic`). Fitted to the peak RSS `easel
+/// bench` measures with `model.backend = "candle"` on the CPU, 256-1024 px (the README's memory
+/// table).
+const GENERIC_TRANSIENT_WIDEST: u64 = 6;
+
+/// [`evaluation_bytes`] on the generic backend (candle's ops, the path a GPU takes): its trace
+/// keeps every ReLU's output up to the deepest layer read as f32 (the requested layers among
+/// them), where the CPU backend keeps a bit per element; beside it the losses' gradients at the
+/// requested layers, a backward step's transient tensors, and the largest convolution band's
+/// scratch (see [`band_scratch_bytes`]).
+pub fn generic_evaluation_bytes(layers: &[LayerId], height: usize, width: usize) -> u64 {
+    let Some(last) = layers.iter().filter_map(|l| l.features_index()).max() else {
+        return 2 * F32 * (3 * height * width) as u64;
+    };
+    let shapes = shapes(height, width, last);
+    let elements = |index: usize| {
+        let (c, h, w) = shapes[index];
+        (c * h * w) as u64
+    };
+    let trace: u64 = (0..=last).filter(|&i| matches!(op(i), Op::Relu)).map(elements).sum();
+    let widest = (0..=last).map(elements).max().unwrap_or(0);
+    let requested: u64 = layers.iter().map(|&l| layer_elements(l, height, width)).sum();
+    F32 * (trace + requested + GENERIC_TRANSIENT_WIDEST * widest) + band_scratch_bytes(&shapes, last)
+}
+
+/// The scratch of the largest convolution band up to index `last` of `features`, whose outputs
+/// have `shapes`: a band's im2col matrix and three output tensors (`conv::generic`), at most
+/// [`BAND_SCRATCH_BYTES`] and less where the whole image is one smaller band. That is what
+/// candle's CUDA and Metal convolutions allocate; its CPU convolution builds the im2col matrix
+/// a few rows at a time, so there the peak stays up to this much below the prediction.
+fn band_scratch_bytes(shapes: &[(usize, usize, usize)], last: usize) -> u64 {
+    CONVS
+        .iter()
+        .filter(|(index, _, _)| *index <= last)
+        .map(|&(index, c_in, c_out)| {
+            let (_, h, w) = shapes[index];
+            F32 * (h * w * (9 * c_in + 3 * c_out)) as u64
+        })
+        .max()
+        .unwrap_or(0)
+        .min(BAND_SCRATCH_BYTES)
 }
 
 /// One pass of the model over an image, as the kernel cache sees it.
@@ -209,6 +256,28 @@ mod tests {
         assert_eq!((receptive_reach(LayerId::Pixels), layer_stride(LayerId::Pixels)), (0, 1));
         assert_eq!(layer_stride(LayerId::Relu4_2), 8);
         assert!(receptive_reach(LayerId::Relu5_4) > receptive_reach(LayerId::Relu5_1));
+    }
+
+    #[test]
+    fn the_generic_backend_holds_every_relu_output_and_a_convolution_band() {
+        let px = 64 * 64;
+        // relu1_2: the trace is relu1_1 and relu1_2; conv1_2's band (576 + 192 floats a pixel)
+        // is the larger one, the whole image in one band.
+        let expected = 4 * (2 * 64 * px + 64 * px + 6 * 64 * px) + 4 * px * (9 * 64 + 3 * 64);
+        assert_eq!(generic_evaluation_bytes(&[LayerId::Relu1_2], 64, 64), expected as u64);
+        // Past 256 MiB of band (conv1_2 of about 600 x 600 px), the band is cut into rows.
+        let big = generic_evaluation_bytes(&[LayerId::Relu1_2], 1024, 1024);
+        let activations = 4 * (3 * 64 + 6 * 64) * (1024 * 1024) as u64;
+        assert_eq!(big, activations + BAND_SCRATCH_BYTES);
+        // Reading relu2_1 instead: its output joins the trace and is the one requested (in
+        // place of relu1_2's); conv1_2's band stays the largest.
+        let to_relu2_1 = generic_evaluation_bytes(&[LayerId::Relu2_1], 64, 64);
+        let (relu1_2, relu2_1) = (4 * 64 * px as u64, 4 * 128 * 32 * 32);
+        assert_eq!(to_relu2_1, expected as u64 - relu1_2 + 2 * relu2_1);
+        assert!(
+            generic_evaluation_bytes(&[LayerId::Relu1_2], 64, 64)
+                > evaluation_bytes(&[LayerId::Relu1_2], 64, 64)
+        );
     }
 
     #[test]

@@ -88,11 +88,7 @@ impl<'a> Steps<'a> {
 impl ForwardSteps for Steps<'_> {
     fn conv(&mut self, k: usize, x: &Tensor, activation: Activation) -> Result<Tensor, VggError> {
         let ConvWeights { weight, bias } = &self.convs[k];
-        let y = conv::generic::forward(x, weight, bias)?;
-        Ok(match activation {
-            Activation::Identity => y,
-            Activation::Relu => y.relu()?,
-        })
+        Ok(conv::generic::forward(x, weight, bias, activation)?)
     }
 
     fn relu_output(&mut self, index: usize, out: &Tensor) -> Result<(), VggError> {
