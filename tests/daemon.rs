@@ -128,7 +128,10 @@ fn bad_drops_fail_with_a_reason_while_the_others_succeed() {
     root.drop_file("escape.png", &good);
     root.drop_file("absolute.toml", b"[[style]]\npath = \"/etc/passwd\"\n");
     root.drop_file("absolute.png", &good);
-    root.drop_file("limits.toml", b"[limits]\nmax_pixels = 1\n[model]\nweights = \"/tmp/x\"\n");
+    root.drop_file(
+        "limits.toml",
+        b"[limits]\nmax_pixels = 1\n[model]\nweights = \"/tmp/x\"\ndevice = \"cpu\"\nbackend = \"candle\"\n",
+    );
     root.drop_file("limits.png", &good);
     let outside = root.logs.join("outside.png");
     std::fs::write(&outside, &good).unwrap();
@@ -157,7 +160,7 @@ fn bad_drops_fail_with_a_reason_while_the_others_succeed() {
     expect("missing-style.png", &["nope.png", "not found"]);
     expect("escape.png", &["inside styles/", ".."]);
     expect("absolute.png", &["/etc/passwd", "inside styles/"]);
-    expect("limits.png", &["limits", "model.weights", "daemon's config"]);
+    expect("limits.png", &["limits", "model.weights", "model.device", "model.backend", "daemon's config"]);
     expect("link.png", &["symbolic link", "outside"]);
     expect("etc-link.jpg", &["symbolic link", "outside"]);
     let failed = root.files("failed");

@@ -143,7 +143,8 @@ pub fn sidecar_layer(path: &Path, root: &Root) -> Result<Table, String> {
         }
     }
     if let Some(Value::Table(model)) = table.get("model") {
-        for key in ["weights", "device"] {
+        // Which weights, and where and how the model runs, are the machine's to say.
+        for key in ["weights", "device", "backend"] {
             if model.contains_key(key) {
                 problems.push(format!(
                     "model.{key}: cannot be set by a job's sidecar, only in the daemon's config"
