@@ -86,12 +86,12 @@ pub fn forward_bytes(layers: &[LayerId], height: usize, width: usize) -> u64 {
     F32 * (requested + 2 * widest)
 }
 
-/// Widest activations a step of the generic backend's backward pass holds beside its trace: a
-/// max pool's backward builds its input's copy, window corners, masks, their products and
-/// their interleaving as whole tensors (see `pool::generic`). Fitted to the peak RSS `easel
-/// bench` measures with `model.backend = "candle"` on the CPU, 256-1024 px (the README's memory
-/// table).
-const GENERIC_TRANSIENT_WIDEST: u64 = 6;
+/// Widest activations the generic backend holds beside its trace at its peak, in block 1 of
+/// the backward pass: the gradient flowing in, its sum with a loss's gradient, the ReLU's
+/// selection, the convolution's input gradient being assembled band by band, and what candle's
+/// ops keep of them. Fitted to the peak RSS `easel bench` measures with `model.backend =
+/// "candle"` on the CPU, 256-1024 px (the README's memory table).
+const GENERIC_TRANSIENT_WIDEST: u64 = 5;
 
 /// [`evaluation_bytes`] on the generic backend (candle's ops, the path a GPU takes): its trace
 /// keeps every ReLU's output up to the deepest layer read as f32 (the requested layers among
@@ -263,11 +263,11 @@ mod tests {
         let px = 64 * 64;
         // relu1_2: the trace is relu1_1 and relu1_2; conv1_2's band (576 + 192 floats a pixel)
         // is the larger one, the whole image in one band.
-        let expected = 4 * (2 * 64 * px + 64 * px + 6 * 64 * px) + 4 * px * (9 * 64 + 3 * 64);
+        let expected = 4 * (2 * 64 * px + 64 * px + 5 * 64 * px) + 4 * px * (9 * 64 + 3 * 64);
         assert_eq!(generic_evaluation_bytes(&[LayerId::Relu1_2], 64, 64), expected as u64);
         // Past 256 MiB of band (conv1_2 of about 600 x 600 px), the band is cut into rows.
         let big = generic_evaluation_bytes(&[LayerId::Relu1_2], 1024, 1024);
-        let activations = 4 * (3 * 64 + 6 * 64) * (1024 * 1024) as u64;
+        let activations = 4 * (3 * 64 + 5 * 64) * (1024 * 1024) as u64;
         assert_eq!(big, activations + BAND_SCRATCH_BYTES);
         // Reading relu2_1 instead: its output joins the trace and is the one requested (in
         // place of relu1_2's); conv1_2's band stays the largest.

@@ -143,22 +143,28 @@ pub(crate) mod generic {
 
     /// Routes each window's gradient to its maximum; on ties, to the first in row-major order,
     /// as PyTorch does.
+    ///
+    /// Built to hold few input-sized tensors at once (a GPU holds the trace beside them): the
+    /// input seen as `[b, c, h/2, 2, w/2, 2]` windows, the equality with each window's maximum
+    /// (bytes), then that ranked by position so that a second maximum over the window picks
+    /// the first, and the gradient spread to it.
     pub(crate) fn max_pool_backward(input: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = input.dims4()?;
         let (h2, w2) = (h / 2, w / 2);
-        let x =
-            input.narrow(2, 0, 2 * h2)?.narrow(3, 0, 2 * w2)?.contiguous()?.reshape((b, c, h2, 2, w2, 2))?;
-        let corner = |dy: usize, dx: usize| x.narrow(3, dy, 1)?.narrow(5, dx, 1)?.reshape((b, c, h2, w2));
-        let (a, bb, cc, d) = (corner(0, 0)?, corner(0, 1)?, corner(1, 0)?, corner(1, 1)?);
-        let max = a.maximum(&bb)?.maximum(&cc.maximum(&d)?)?;
-        let is_max = |t: &Tensor| t.eq(&max)?.to_dtype(DType::F32);
-        let ma = is_max(&a)?;
-        let mb = (is_max(&bb)? * (1.0 - &ma)?)?;
-        let mc = (is_max(&cc)? * ((1.0 - &ma)? - &mb)?)?;
-        let md = (((1.0 - &ma)? - &mb)? - &mc)?;
-        let top = Tensor::stack(&[(grad * ma)?, (grad * mb)?], 4)?;
-        let bottom = Tensor::stack(&[(grad * mc)?, (grad * md)?], 4)?;
-        Tensor::stack(&[top, bottom], 3)?
+        let windows = input.narrow(2, 0, 2 * h2)?.narrow(3, 0, 2 * w2)?.contiguous()?.reshape((b, c, h2, 2, w2, 2))?;
+        let max = windows.max_keepdim(5)?.max_keepdim(3)?;
+        let is_max = windows.broadcast_eq(&max)?;
+        drop(windows);
+        // 4 for the window's top left, 3, 2, 1 for the bottom right: the first maximum ranks
+        // highest, and a position that is no maximum ranks 0.
+        let rank = Tensor::from_slice(&[4f32, 3.0, 2.0, 1.0], (1, 1, 1, 2, 1, 2), input.device())?;
+        let ranked = is_max.to_dtype(DType::F32)?.broadcast_mul(&rank)?;
+        drop(is_max);
+        let first = ranked.broadcast_eq(&ranked.max_keepdim(5)?.max_keepdim(3)?)?;
+        drop(ranked);
+        first
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&grad.reshape((b, c, h2, 1, w2, 1))?)?
             .reshape((b, c, 2 * h2, 2 * w2))?
             .pad_with_zeros(2, 0, h - 2 * h2)?
             .pad_with_zeros(3, 0, w - 2 * w2)
@@ -203,6 +209,31 @@ mod tests {
             1.0, 1.0,    1.0, 1.0,    1.0,
         ];
         assert_eq!(values(&back), expected);
+    }
+
+    #[test]
+    fn the_generic_max_pool_backward_routes_to_the_first_maximum_and_drops_odd_edges() {
+        // 3x5 with ties: all four equal, the last three equal, two equal on the right.
+        #[rustfmt::skip]
+        let x = tensor(&[
+            1.0, 1.0,   0.0, 2.0,   9.0,
+            1.0, 1.0,   2.0, 2.0,   9.0,
+            9.0, 9.0,   9.0, 9.0,   9.0,
+        ], (1, 1, 3, 5));
+        let grad = tensor(&[10.0, 20.0], (1, 1, 1, 2));
+        #[rustfmt::skip]
+        let expected = [
+            10.0, 0.0,   0.0, 20.0,   0.0,
+            0.0, 0.0,    0.0, 0.0,    0.0,
+            0.0, 0.0,    0.0, 0.0,    0.0,
+        ];
+        assert_eq!(values(&generic::max_pool_backward(&x, &grad).unwrap()), expected);
+        // Each position of a window as the only maximum, over two channels.
+        let x = tensor(&[5.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 5.0], (1, 2, 2, 2));
+        let grad = tensor(&[3.0, 7.0], (1, 2, 1, 1));
+        assert_eq!(values(&generic::max_pool_backward(&x, &grad).unwrap()), [3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 7.0]);
+        let x = tensor(&[1.0, 5.0, 1.0, 1.0, 1.0, 1.0, 5.0, 1.0], (1, 2, 2, 2));
+        assert_eq!(values(&generic::max_pool_backward(&x, &grad).unwrap()), [0.0, 3.0, 0.0, 0.0, 0.0, 0.0, 7.0, 0.0]);
     }
 
     #[test]

@@ -51,7 +51,12 @@ impl GenericLayers {
             let Some(g) = with_grads_at(grad.take(), grads, index)? else { continue };
             grad = Some(match op(index) {
                 Op::Conv(k) => conv::generic::input_grad(&g, &self.flipped[k])?,
-                Op::Relu => (g * kept.relu_output(index)?.gt(0f32)?.to_dtype(DType::F32)?)?,
+                Op::Relu => {
+                    // Selected through the mask's bytes rather than multiplied by it as floats:
+                    // one activation-sized f32 tensor fewer at the backward pass's peak.
+                    let closed = Tensor::zeros((), DType::F32, g.device())?.broadcast_as(g.shape())?;
+                    kept.relu_output(index)?.gt(0f32)?.where_cond(&g, &closed)?
+                }
                 Op::Pool => {
                     // Every pool of VGG-19 follows a ReLU, whose output is its input.
                     let input = kept.relu_output(index - 1)?;
