@@ -144,23 +144,27 @@ pub(crate) mod generic {
     /// Routes each window's gradient to its maximum; on ties, to the first in row-major order,
     /// as PyTorch does.
     ///
-    /// Built to hold few input-sized tensors at once (a GPU holds the trace beside them): the
-    /// input seen as `[b, c, h/2, 2, w/2, 2]` windows, the equality with each window's maximum
-    /// (bytes), then that ranked by position so that a second maximum over the window picks
-    /// the first, and the gradient spread to it.
+    /// Built to hold few input-sized tensors at once (a GPU holds the trace beside them) from
+    /// elementwise ops and pooling, which a GPU runs fast: the input's equality with its
+    /// window's maximum (bytes), seen as `[b, c, h/2, 2, w/2, 2]` windows and ranked by
+    /// position, so that pooling the ranks picks each window's first maximum; then the
+    /// gradient spread to it.
     pub(crate) fn max_pool_backward(input: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = input.dims4()?;
         let (h2, w2) = (h / 2, w / 2);
-        let windows = input.narrow(2, 0, 2 * h2)?.narrow(3, 0, 2 * w2)?.contiguous()?.reshape((b, c, h2, 2, w2, 2))?;
-        let max = windows.max_keepdim(5)?.max_keepdim(3)?;
-        let is_max = windows.broadcast_eq(&max)?;
-        drop(windows);
+        let windowed = (b, c, h2, 2, w2, 2);
+        let per_window = (b, c, h2, 1, w2, 1);
+        let cropped = input.narrow(2, 0, 2 * h2)?.narrow(3, 0, 2 * w2)?.contiguous()?;
+        let max = cropped.max_pool2d(2)?.reshape(per_window)?;
+        let is_max = cropped.reshape(windowed)?.broadcast_eq(&max)?;
+        drop(cropped);
         // 4 for the window's top left, 3, 2, 1 for the bottom right: the first maximum ranks
         // highest, and a position that is no maximum ranks 0.
         let rank = Tensor::from_slice(&[4f32, 3.0, 2.0, 1.0], (1, 1, 1, 2, 1, 2), input.device())?;
         let ranked = is_max.to_dtype(DType::F32)?.broadcast_mul(&rank)?;
         drop(is_max);
-        let first = ranked.broadcast_eq(&ranked.max_keepdim(5)?.max_keepdim(3)?)?;
+        let best = ranked.reshape((b, c, 2 * h2, 2 * w2))?.max_pool2d(2)?.reshape(per_window)?;
+        let first = ranked.broadcast_eq(&best)?;
         drop(ranked);
         first
             .to_dtype(DType::F32)?
@@ -231,9 +235,15 @@ mod tests {
         // Each position of a window as the only maximum, over two channels.
         let x = tensor(&[5.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 5.0], (1, 2, 2, 2));
         let grad = tensor(&[3.0, 7.0], (1, 2, 1, 1));
-        assert_eq!(values(&generic::max_pool_backward(&x, &grad).unwrap()), [3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 7.0]);
+        assert_eq!(
+            values(&generic::max_pool_backward(&x, &grad).unwrap()),
+            [3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 7.0]
+        );
         let x = tensor(&[1.0, 5.0, 1.0, 1.0, 1.0, 1.0, 5.0, 1.0], (1, 2, 2, 2));
-        assert_eq!(values(&generic::max_pool_backward(&x, &grad).unwrap()), [0.0, 3.0, 0.0, 0.0, 0.0, 0.0, 7.0, 0.0]);
+        assert_eq!(
+            values(&generic::max_pool_backward(&x, &grad).unwrap()),
+            [0.0, 3.0, 0.0, 0.0, 0.0, 0.0, 7.0, 0.0]
+        );
     }
 
     #[test]
