@@ -77,9 +77,12 @@ eval_pair() {
   local size=$1 d
   for d in cpu "$device"; do
     printf '[model]\ndevice = "%s"\n[run]\ninit = "noise"\n' "$d" >"$work/$d.toml"
-    "$easel" eval --config "$work/$d.toml" --content tests/data/content.png --style tests/data/style.png \
+    if ! "$easel" eval --config "$work/$d.toml" --content tests/data/content.png --style tests/data/style.png \
       --weights "$weights" --size "$size" --json \
-      >"$out/eval-$size-$d.json" 2>"$out/eval-$size-$d.log"
+      >"$out/eval-$size-$d.json" 2>"$out/eval-$size-$d.log"; then
+      echo "  $size px on $d: easel eval failed: $(tail -1 "$out/eval-$size-$d.log")"
+      return 1
+    fi
   done
   python3 - "$out/eval-$size-cpu.json" "$out/eval-$size-$device.json" "$size" <<'EOF'
 import json, sys
@@ -147,7 +150,9 @@ run() {
     else
       failed=1
       echo "tests $test on $device: FAILED (see test-$test.log):" | tee -a "$summary"
-      grep -E '^test .* FAILED|panicked|^test result' "$out/test-$test.log" | head -20 | tee -a "$summary"
+      # The first failure's message (a device that does not answer fails every test alike).
+      grep -m1 -A1 'panicked' "$out/test-$test.log" | tee -a "$summary"
+      grep -E '^test result' "$out/test-$test.log" | tee -a "$summary"
     fi
   done
   echo "== step tests: $(elapsed "$started")" | tee -a "$summary"
@@ -160,7 +165,7 @@ run() {
     # pipefail: the pipeline fails when eval_pair does.
     if ! eval_pair "$size" | tee -a "$summary"; then
       failed=1
-      echo "eval at $size px: $device and the CPU disagree, or a run failed (eval-$size-*.log)" | tee -a "$summary"
+      echo "eval at $size px: FAILED (eval-$size-*.log)" | tee -a "$summary"
     fi
   done
   echo "== step eval: $(elapsed "$started")" | tee -a "$summary"
