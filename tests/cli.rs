@@ -408,6 +408,10 @@ fn the_candle_backend_runs_the_gpu_path_on_the_cpu_and_is_planned_for() {
         plan_json(&args)["parts_mb"].clone()
     };
     let (cpu, generic) = (parts(None), parts(Some(&config)));
+    let path = config.to_str().unwrap();
+    assert_eq!(plan_json(&["--size", "96", "--config", path])["backends"], serde_json::json!(["candle"]));
+    #[cfg(not(any(feature = "cuda", feature = "metal")))]
+    assert_eq!(plan_json(&["--size", "96"])["backends"], serde_json::json!(["easel"]));
     assert_eq!(generic["kernel_cache"], 0.0, "{generic}");
     // Twice the kernels (parts are rounded to whole MB).
     let weights = |p: &serde_json::Value| p["weights"].as_f64().unwrap();

@@ -74,7 +74,13 @@ pub fn plan(args: PlanArgs, registry: &Registry) -> Result<()> {
     let seconds = measured * evaluation_work(&plan.losses, height, width, tile_step) as f64
         / evaluation_work(&run.plan().losses, h, w, None).max(1) as f64;
 
-    let report = report(&memory, &plan, seconds, refusal.as_deref());
+    let mut report = report(&memory, &plan, seconds, refusal.as_deref());
+    // Whose working set the evaluation part counts, as `model.backend` names them.
+    let backends = spec.backends();
+    report["backends"] = json!([(backends.cpu, "easel"), (backends.generic, "candle")]
+        .into_iter()
+        .filter_map(|(counted, name)| counted.then_some(name))
+        .collect::<Vec<_>>());
     if args.json {
         println!("{report}");
     } else {
