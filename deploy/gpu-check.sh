@@ -26,7 +26,10 @@
 #
 # `run DIR --device cpu --no-bench` on a CPU build checks the script itself (CI does so).
 set -euo pipefail
+# Paths on the command line are the caller's; the script works from the repository's root.
+caller=$PWD
 cd "$(dirname "$0")/.."
+absolute() { case "$1" in /*) echo "$1" ;; *) echo "$caller/$1" ;; esac; }
 
 elapsed() { echo "$(($(date +%s) - $1)) s"; }
 usage() {
@@ -35,12 +38,14 @@ usage() {
 }
 
 pack() {
-  local dir=$1 target=${CARGO_TARGET_DIR:-target} list=""
+  local dir target=target list=""
+  dir=$(absolute "$1")
+  if [ -n "${CARGO_TARGET_DIR:-}" ]; then target=$(absolute "$CARGO_TARGET_DIR"); fi
   shift
   while [ $# -gt 0 ]; do
     case "$1" in
-      --target) target=$2; shift 2 ;;
-      --tests-list) list=$2; shift 2 ;;
+      --target) target=$(absolute "$2"); shift 2 ;;
+      --tests-list) list=$(absolute "$2"); shift 2 ;;
       *) usage ;;
     esac
   done
@@ -101,12 +106,13 @@ EOF
 }
 
 run() {
-  local dir=$1 device=cuda out="" python=${TORCH_PYTHON:-python3} lib_path="" sizes=512,1024,2048 iters=8 bench=yes
+  local dir device=cuda out="" python=${TORCH_PYTHON:-python3} lib_path="" sizes=512,1024,2048 iters=8 bench=yes
+  dir=$(absolute "$1")
   shift
   while [ $# -gt 0 ]; do
     case "$1" in
       --device) device=$2; shift 2 ;;
-      --out) out=$2; shift 2 ;;
+      --out) out=$(absolute "$2"); shift 2 ;;
       --python) python=$2; shift 2 ;;
       --lib-path) lib_path=$2; shift 2 ;;
       --sizes) sizes=$2; shift 2 ;;
