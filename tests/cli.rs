@@ -381,44 +381,32 @@ fn bench_prints_timings_and_memory_as_json() {
 #[test]
 fn the_candle_backend_runs_the_gpu_path_on_the_cpu_and_is_planned_for() {
     let (_dir, config) = temp_file("candle.toml", b"[model]\nbackend = \"candle\"\n");
-    let job = ["--size", "96", "--iterations", "2", "--optimizer", "adam", "--json"];
-    let bench = |config: Option<&std::path::Path>| {
-        let mut cmd = sample_job(&["bench"]);
-        if let Some(config) = config {
-            cmd.arg("--config").arg(config);
-        }
-        let out = cmd.args(job).output().expect("runs");
+    let config = config.to_str().expect("a UTF-8 temp path");
+    // Small, and each command once per backend: this test also runs under qemu in CI.
+    let run = |command: &str, extra: &[&str], backend: &[&str]| {
+        let out =
+            sample_job(&[command]).args(backend).args(["--size", "64"]).args(extra).output().expect("runs");
         assert!(out.status.success(), "{}", stderr(&out));
         serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("one JSON object")
     };
-    let (easel_kernels, candle) = (bench(None), bench(Some(&config)));
+    let bench = ["--iterations", "2", "--optimizer", "adam", "--json"];
+    let (easel_kernels, candle) = (run("bench", &bench, &[]), run("bench", &bench, &["--config", config]));
     assert_eq!(easel_kernels["backend"], "easel", "{easel_kernels}");
     assert_eq!(candle["backend"], "candle", "{candle}");
     assert_eq!(candle["kernel_cache_mb"], 0.0, "{candle}");
     let (a, b) = (easel_kernels["loss_first"].as_f64().unwrap(), candle["loss_first"].as_f64().unwrap());
     assert!((a - b).abs() <= 1e-4 * a, "first loss {b} on candle's ops, {a} on easel's kernels");
 
-    let parts = |config: Option<&std::path::Path>| {
-        let mut args = vec!["--size", "96"];
-        let path;
-        if let Some(config) = config {
-            path = config.to_str().unwrap().to_string();
-            args.extend(["--config", path.as_str()]);
-        }
-        plan_json(&args)["parts_mb"].clone()
-    };
-    let (cpu, generic) = (parts(None), parts(Some(&config)));
-    let path = config.to_str().unwrap();
-    assert_eq!(plan_json(&["--size", "96", "--config", path])["backends"], serde_json::json!(["candle"]));
+    let (cpu, generic) = (run("plan", &["--json"], &[]), run("plan", &["--json"], &["--config", config]));
+    assert_eq!(generic["backends"], serde_json::json!(["candle"]), "{generic}");
     #[cfg(not(any(feature = "cuda", feature = "metal")))]
-    assert_eq!(plan_json(&["--size", "96"])["backends"], serde_json::json!(["easel"]));
-    assert_eq!(generic["kernel_cache"], 0.0, "{generic}");
+    assert_eq!(cpu["backends"], serde_json::json!(["easel"]), "{cpu}");
+    let part = |plan: &serde_json::Value, name: &str| plan["parts_mb"][name].as_f64().expect("a part");
+    assert_eq!(part(&generic, "kernel_cache"), 0.0, "{generic}");
     // Twice the kernels (parts are rounded to whole MB).
-    let weights = |p: &serde_json::Value| p["weights"].as_f64().unwrap();
-    assert!((weights(&generic) - 2.0 * weights(&cpu)).abs() <= 1.0, "{generic} vs {cpu}");
+    assert!((part(&generic, "weights") - 2.0 * part(&cpu, "weights")).abs() <= 1.0, "{generic} vs {cpu}");
     // Its whole trace in f32 and conv1_2's im2col band, against bits and easel's own kernels.
-    let evaluation = |p: &serde_json::Value| p["evaluation"].as_f64().unwrap();
-    assert!(evaluation(&generic) > 2.0 * evaluation(&cpu), "{generic} vs {cpu}");
+    assert!(part(&generic, "evaluation") > 2.0 * part(&cpu, "evaluation"), "{generic} vs {cpu}");
 }
 
 // The default `model.device = "auto"` has only the CPU to pick in a build without GPU features;
