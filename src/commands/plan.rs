@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::Result;
 use clap::Args;
 use easel_core::Registry;
-use easel_engine::memory::{self, MemoryPlan};
+use easel_engine::memory::{self, Backends, MemoryPlan};
 use easel_engine::{evaluation_work, load_image, EngineError, ModelSpec, StyleRun};
 use easel_vgg::WeightsFile;
 use serde_json::{json, Value};
@@ -74,13 +74,7 @@ pub fn plan(args: PlanArgs, registry: &Registry) -> Result<()> {
     let seconds = measured * evaluation_work(&plan.losses, height, width, tile_step) as f64
         / evaluation_work(&run.plan().losses, h, w, None).max(1) as f64;
 
-    let mut report = report(&memory, &plan, seconds, refusal.as_deref());
-    // Whose working set the evaluation part counts, as `model.backend` names them.
-    let backends = spec.backends();
-    report["backends"] = json!([(backends.cpu, "easel"), (backends.generic, "candle")]
-        .into_iter()
-        .filter_map(|(counted, name)| counted.then_some(name))
-        .collect::<Vec<_>>());
+    let report = report(&memory, &plan, spec.backends(), seconds, refusal.as_deref());
     if args.json {
         println!("{report}");
     } else {
@@ -101,10 +95,21 @@ fn calibration_styles(
 
 const MB: f64 = (1 << 20) as f64;
 
-fn report(memory: &MemoryPlan, plan: &easel_config::Plan, seconds: f64, refusal: Option<&str>) -> Value {
+fn report(
+    memory: &MemoryPlan,
+    plan: &easel_config::Plan,
+    backends: Backends,
+    seconds: f64,
+    refusal: Option<&str>,
+) -> Value {
     let parts: serde_json::Map<String, Value> =
         memory.parts.iter().map(|p| (p.name.to_string(), json!((p.bytes as f64 / MB).round()))).collect();
     let history = (plan.optimizer.kind == "lbfgs").then(|| lbfgs_history(memory, plan)).flatten();
+    // Whose working set the evaluation part counts, as `model.backend` names them.
+    let backends: Vec<&str> = [(backends.cpu, "easel"), (backends.generic, "candle")]
+        .into_iter()
+        .filter_map(|(counted, name)| counted.then_some(name))
+        .collect();
     json!({
         "width": memory.width,
         "height": memory.height,
@@ -117,6 +122,7 @@ fn report(memory: &MemoryPlan, plan: &easel_config::Plan, seconds: f64, refusal:
             (None, Some(_)) => Value::from("tiled"),
         },
         "tile_size": memory.tile_size,
+        "backends": backends,
         "optimizer": plan.optimizer.kind,
         "lbfgs_history": history,
         "adjustments": memory.adjustments.iter().map(ToString::to_string).collect::<Vec<_>>(),

@@ -10,8 +10,8 @@
 use easel_config::{Limits, Plan};
 use easel_core::{Adjustment, LayerId};
 use easel_vgg::memory::{
-    evaluation_bytes, forward_bytes, generic_evaluation_bytes, kernel_cache_bytes, layer_shape,
-    weights_bytes, Pass,
+    evaluation_bytes, forward_bytes, generic_evaluation_bytes, generic_weights_bytes, kernel_cache_bytes,
+    layer_shape, weights_bytes, Pass,
 };
 
 use crate::terms::{layers_of, untileable};
@@ -274,10 +274,11 @@ pub fn predict_with(
     // The decoded input files, kept at their own size for the whole run (colour transfer,
     // rescaling at each scale).
     let inputs = std::iter::once(content).chain(styles.iter().copied()).map(|(w, h)| image_bytes(w, h)).sum();
+    let weights =
+        if backends.generic { generic_weights_bytes(spec.deepest) } else { weights_bytes(spec.deepest) };
     let mut parts = vec![
         Part { name: "runtime", bytes: RUNTIME_BYTES },
-        // The generic backend keeps a flipped copy of each kernel for the input gradients.
-        Part { name: "weights", bytes: weights_bytes(spec.deepest) * if backends.generic { 2 } else { 1 } },
+        Part { name: "weights", bytes: weights },
         Part { name: "kernel_cache", bytes: cache },
         Part { name: "inputs", bytes: inputs },
         Part { name: "targets", bytes: plan.losses.iter().map(|l| l.loss.target_bytes(&shape)).sum() },
@@ -555,14 +556,8 @@ mod tests {
 
     #[test]
     fn forward_tiles_are_larger_within_an_evaluation_window_s_memory() {
-        let layers = [
-            LayerId::Relu1_1,
-            LayerId::Relu2_1,
-            LayerId::Relu3_1,
-            LayerId::Relu4_1,
-            LayerId::Relu4_2,
-            LayerId::Relu5_1,
-        ];
+        // The default job's layers: relu1_1..relu5_1 for style, relu4_2 for content.
+        let layers = layers_of(&plan("").losses);
         for (height, width, step) in [(3072, 4096, 576), (315, 421, 64), (768, 1024, 448)] {
             let forward = forward_step(&layers, height, width, step);
             assert!(forward >= step && forward.is_multiple_of(crate::tiles::STEP_ALIGN), "{forward}");

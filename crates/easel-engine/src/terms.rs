@@ -10,7 +10,12 @@ use crate::EngineError;
 
 /// Every layer any of `losses` reads, in forward order.
 pub fn layers_of(losses: &[WeightedLoss]) -> Vec<LayerId> {
-    let mut layers: Vec<LayerId> = losses.iter().flat_map(|l| l.loss.layers()).collect();
+    in_order(losses.iter().flat_map(|l| l.loss.layers()))
+}
+
+/// `layers` in forward order, each once.
+fn in_order(layers: impl Iterator<Item = LayerId>) -> Vec<LayerId> {
+    let mut layers: Vec<LayerId> = layers.collect();
     layers.sort_unstable();
     layers.dedup();
     layers
@@ -24,11 +29,7 @@ pub(crate) fn pixels_only(loss: &WeightedLoss) -> bool {
 
 /// The layers (pixels excluded) the losses evaluated in tiles read, in forward order.
 pub(crate) fn tiled_layers<'l>(losses: impl Iterator<Item = &'l WeightedLoss>) -> Vec<LayerId> {
-    let mut layers: Vec<LayerId> =
-        losses.flat_map(|l| l.loss.layers()).filter(|&l| l != LayerId::Pixels).collect();
-    layers.sort_unstable();
-    layers.dedup();
-    layers
+    in_order(losses.flat_map(|l| l.loss.layers()).filter(|&l| l != LayerId::Pixels))
 }
 
 /// The losses that stop a job from being evaluated in tiles (by `kind`), if any.

@@ -4,15 +4,14 @@
 
 use easel_core::LayerId;
 
-use crate::conv::generic::BAND_SCRATCH_BYTES;
+use crate::conv::generic::{band_bytes_per_pixel, BAND_SCRATCH_BYTES};
 use crate::conv::{winograd_kernel_bytes, Winograd};
 use crate::stack::{op, Op};
 use crate::CONVS;
 
 const F32: u64 = 4;
 
-/// Bytes of the convolution weights (f32) a model loaded to `depth` holds on the CPU backend;
-/// the generic backend holds them twice, the second time flipped for the input gradients.
+/// Bytes of the convolution weights (f32) a model loaded to `depth` holds on the CPU backend.
 pub fn weights_bytes(depth: LayerId) -> u64 {
     let last = depth.features_index().unwrap_or(0);
     CONVS
@@ -113,6 +112,12 @@ pub fn generic_evaluation_bytes(layers: &[LayerId], height: usize, width: usize)
     F32 * (trace + requested + GENERIC_TRANSIENT_WIDEST * widest) + band_scratch_bytes(&shapes, last)
 }
 
+/// [`weights_bytes`] on the generic backend, which keeps each kernel a second time, flipped,
+/// for the input gradients (`backend::generic`).
+pub fn generic_weights_bytes(depth: LayerId) -> u64 {
+    2 * weights_bytes(depth)
+}
+
 /// The scratch of the largest convolution band up to index `last` of `features`, whose outputs
 /// have `shapes`: a band's im2col matrix and three output tensors (`conv::generic`), at most
 /// [`BAND_SCRATCH_BYTES`] and less where the whole image is one smaller band. That is what
@@ -124,7 +129,7 @@ fn band_scratch_bytes(shapes: &[(usize, usize, usize)], last: usize) -> u64 {
         .filter(|(index, _, _)| *index <= last)
         .map(|&(index, c_in, c_out)| {
             let (_, h, w) = shapes[index];
-            F32 * (h * w * (9 * c_in + 3 * c_out)) as u64
+            (h * w * band_bytes_per_pixel(c_in, c_out)) as u64
         })
         .max()
         .unwrap_or(0)

@@ -107,6 +107,11 @@ pub fn gram_matrix_wide(features: &Tensor) -> Result<Tensor, CoreError> {
     Ok((g / m as f64)?)
 }
 
+/// What preparing without a style image is.
+fn no_style_image() -> CoreError {
+    CoreError::MissingReference("the gram loss needs at least one style image".into())
+}
+
 /// `A = sum_s w_s G_s / sum_s w_s`: the style images' Gram matrices blended by their weights,
 /// added in the order given. `grams` holds one matrix and weight per style image, at least one.
 fn blend(grams: Vec<(Tensor, f64)>) -> Result<Tensor, CoreError> {
@@ -119,8 +124,7 @@ fn blend(grams: Vec<(Tensor, f64)>) -> Result<Tensor, CoreError> {
             None => g,
         });
     }
-    let blend = blend
-        .ok_or_else(|| CoreError::MissingReference("the gram loss needs at least one style image".into()))?;
+    let blend = blend.ok_or_else(no_style_image)?;
     Ok(blend.detach())
 }
 
@@ -179,7 +183,7 @@ impl Loss for GramLoss {
 
     fn prepare(&mut self, references: &References<'_>) -> Result<(), CoreError> {
         if references.styles.is_empty() {
-            return Err(CoreError::MissingReference("the gram loss needs at least one style image".into()));
+            return Err(no_style_image());
         }
         let mut targets = Vec::with_capacity(self.layers.len());
         for &layer in &self.layers {
@@ -249,7 +253,7 @@ impl Loss for GramLoss {
     /// `A_l`: the style images' Gram matrices, blended, as [`Loss::prepare`] makes them.
     fn prepare_from_statistics(&mut self, styles: &[StyleStatistics]) -> Result<(), CoreError> {
         if styles.is_empty() {
-            return Err(CoreError::MissingReference("the gram loss needs at least one style image".into()));
+            return Err(no_style_image());
         }
         let mut targets = Vec::with_capacity(self.layers.len());
         for index in 0..self.layers.len() {

@@ -47,12 +47,17 @@ pub(crate) fn flipped(weight: &Tensor) -> Result<Tensor> {
         .contiguous()
 }
 
+/// Scratch bytes a band takes per output pixel of a convolution from `c_in` to `c_out`
+/// channels: 9 * C_in floats of im2col and three C_out-channel tensors (the GEMM's output, its
+/// reordered copy, the epilogue's).
+pub(crate) fn band_bytes_per_pixel(c_in: usize, c_out: usize) -> usize {
+    4 * (9 * c_in + 3 * c_out)
+}
+
 /// Rows of output per band of an input of `(batch, C_in, height, width)` convolved into `c_out`
-/// channels, so that a band's scratch stays under [`BAND_SCRATCH_BYTES`]: per output pixel, 9 *
-/// C_in floats of im2col and three C_out-channel tensors (the GEMM's output, its reordered copy,
-/// the epilogue's).
+/// channels, so that a band's scratch stays under [`BAND_SCRATCH_BYTES`].
 fn band_rows((b, c_in, h, w): (usize, usize, usize, usize), c_out: usize) -> usize {
-    let row = 4 * b * w * (9 * c_in + 3 * c_out);
+    let row = b * w * band_bytes_per_pixel(c_in, c_out);
     (BAND_SCRATCH_BYTES as usize / row.max(1)).clamp(1, h.max(1))
 }
 
