@@ -280,14 +280,15 @@ pub(crate) fn prepare(
             }
         }
     }
-    let mut statistics_of = statistics_of.into_iter();
-    for (i, loss) in losses.iter_mut().enumerate() {
-        match global.contains(&i) {
-            true => {
-                let statistics = statistics_of.next().unwrap_or_default();
-                loss.loss.prepare_from_statistics(&statistics)?;
-            }
-            false => loss.loss.prepare(&references)?,
+    // Each loss's statistics where it is global; the others prepare from the references.
+    let mut by_loss: Vec<Option<Vec<StyleStatistics>>> = (0..losses.len()).map(|_| None).collect();
+    for (&i, statistics) in global.iter().zip(statistics_of) {
+        by_loss[i] = Some(statistics);
+    }
+    for (loss, statistics) in losses.iter_mut().zip(by_loss) {
+        match statistics {
+            Some(statistics) => loss.loss.prepare_from_statistics(&statistics)?,
+            None => loss.loss.prepare(&references)?,
         }
     }
     Ok(())
